@@ -1,0 +1,22 @@
+"""The Neumann optimizer (Krishnan, Xiao & Saurous, arXiv:1712.03298) for PyTorch."""
+
+from .idealized import neumann_outer_step
+from .optimizer import Neumann
+
+__all__ = ["Neumann", "__version__", "eval_state_dict", "neumann_outer_step"]
+
+__version__ = "0.1.0"
+
+
+def eval_state_dict(model, optimizer: Neumann) -> dict:  # type: ignore[no-untyped-def]
+    """A copy of ``model.state_dict()`` with every parameter replaced by its evaluation weight.
+
+    For export: it does not touch the model, works in either optimizer mode, and keeps buffers
+    (BatchNorm statistics) as they are; recompute those with ``update_bn`` if they matter.
+    """
+    weights = optimizer.evaluation_weights()
+    by_id = {id(p): w for p, w in weights.items()}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[name] = by_id[id(t)] if id(t) in by_id else t.detach().clone()
+    return out

@@ -1,0 +1,156 @@
+"""The Neumann update on lists of plain tensors (SPEC section 3), in two interchangeable paths.
+
+One group's step, with ``g = grad + weight_decay * w``::
+
+    burn-in:   w <- w - lr g
+    reset:     m <- -lr g;            w <- w + mu m - lr g;  v <- w + gamma (v - w)
+    neumann:   d <- g + c (w - v);    m <- mu m - lr d;      w <- w + mu m - lr d;
+               v <- w + gamma (v - w)
+
+where ``c = alpha r - beta / r^3`` (``r = ||w - v||`` over the group; eq. (8) of the paper with
+the SPEC's erratum: the gradient of ``alpha/3 r^3 + beta/r`` is ``(alpha r^2 - beta/r^2) x/r``)
+and ``c = 0`` when ``r`` is zero or not finite. ``v <- w + gamma (v - w)`` is computed as
+``v.lerp_(w, 1 - gamma)``.
+
+The caller (:class:`neumann_optimizer.Neumann`) decides the phase and the scalars on the host and
+computes ``r`` (reducing it across ranks when parameters are sharded); the functions here only
+touch tensors. ``_single_tensor_*`` loops over tensors; ``_multi_tensor_*`` uses the
+``torch._foreach_*`` kernels; both apply the same operations in the same order, so they agree
+to the last bit on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .schedule import Phase
+
+__all__ = ["neumann_update", "regularizer_coefficient", "squared_distance"]
+
+
+def regularizer_coefficient(r: Tensor, cubic_weight: float, repulsive_weight_total: float) -> Tensor:
+    """``c = alpha r - beta / r^3`` as a 0-d tensor, or 0 where ``r`` is 0 or not finite.
+
+    ``repulsive_weight_total`` is beta itself (``repulsive_weight * n``). No host sync.
+    """
+    ok = torch.isfinite(r) & (r > 0)
+    safe_r = torch.where(ok, r, torch.ones_like(r))
+    c = cubic_weight * safe_r - repulsive_weight_total / (safe_r * safe_r * safe_r)
+    return torch.where(ok, c, torch.zeros_like(c))
+
+
+def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> Tensor:
+    """``sum_i ||w_i - v_i||^2`` as a float32 (float64 for float64 params) 0-d tensor."""
+    if not params:
+        return torch.zeros(())
+    acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    if foreach:
+        diffs = torch._foreach_sub(params, vs)
+        norms = torch._foreach_norm(diffs, 2.0)
+    else:
+        norms = [torch.linalg.vector_norm(w - v) for w, v in zip(params, vs, strict=True)]
+    dev = params[0].device
+    stacked = torch.stack([n.to(device=dev, dtype=acc_dtype) for n in norms])
+    return (stacked * stacked).sum()
+
+
+def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float, foreach: bool) -> list[Tensor]:
+    if weight_decay == 0.0:
+        return grads
+    if foreach:
+        return list(torch._foreach_add(grads, params, alpha=weight_decay))
+    return [g.add(w, alpha=weight_decay) for w, g in zip(params, grads, strict=True)]
+
+
+def _single_tensor_neumann(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+) -> None:
+    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
+        if phase is Phase.BURN_IN:
+            w.add_(g, alpha=-lr)
+            continue
+        if phase is Phase.RESET:
+            d = g
+            torch.mul(g, -lr, out=m)
+        else:
+            assert coef is not None
+            d = torch.sub(w, v).mul_(coef).add_(g)
+            m.mul_(momentum).add_(d, alpha=-lr)
+        w.add_(m, alpha=momentum).add_(d, alpha=-lr)
+        v.lerp_(w, 1.0 - ema_decay)
+
+
+def _multi_tensor_neumann(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+) -> None:
+    if not params:
+        return
+    if phase is Phase.BURN_IN:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return
+    if phase is Phase.RESET:
+        ds = grads
+        torch._foreach_copy_(ms, torch._foreach_mul(grads, -lr))
+    else:
+        assert coef is not None
+        ds = torch._foreach_sub(params, vs)
+        torch._foreach_mul_(ds, coef)
+        torch._foreach_add_(ds, grads)
+        torch._foreach_mul_(ms, momentum)
+        torch._foreach_add_(ms, ds, alpha=-lr)
+    torch._foreach_add_(params, ms, alpha=momentum)
+    torch._foreach_add_(params, ds, alpha=-lr)
+    torch._foreach_lerp_(vs, params, 1.0 - ema_decay)
+
+
+def neumann_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+    weight_decay: float,
+    foreach: bool,
+) -> None:
+    """Apply one step of one group in place (see the module docstring for the equations).
+
+    ``coef`` is the regularizer coefficient (:func:`regularizer_coefficient`), needed only in
+    the ``NEUMANN`` phase. All lists hold plain (local) real tensors of equal shapes.
+    """
+    grads = _with_weight_decay(params, grads, weight_decay, foreach)
+    impl = _multi_tensor_neumann if foreach else _single_tensor_neumann
+    impl(
+        params,
+        grads,
+        ms,
+        vs,
+        phase=phase,
+        lr=lr,
+        momentum=momentum,
+        coef=coef,
+        ema_decay=ema_decay,
+    )

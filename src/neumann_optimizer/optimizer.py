@@ -1,0 +1,472 @@
+"""``torch.optim.Optimizer`` front end of the Neumann optimizer (SPEC section 3).
+
+The class validates hyperparameters, keeps the counters and per-parameter state, decides each
+step's phase on the host, and hands plain tensors to :mod:`neumann_optimizer.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from ._distributed import all_reduce_squared_norm, local_tensor
+from .schedule import Phase, next_reset_interval, plan_step
+
+__all__ = ["Neumann"]
+
+_NONFINITE_MODES = ("skip", "raise", "ignore")
+# Group entries the optimizer keeps for itself (saved in state_dict()["param_groups"]).
+_COUNTERS = {
+    "step": 0,  # s: number of applied steps
+    "next_reset": 1,  # Neumann-phase step t of the next iterate reset
+    "reset_interval": None,  # K_j, the current reset interval (filled from reset_steps)
+    "last_momentum": 0.0,  # mu of the last applied step (evaluation weights w - mu m)
+    "skipped_steps": 0,  # steps skipped for a non-finite gradient
+    "train_mode": True,  # False between eval() and train()
+}
+
+
+def _resolve_steps(name: str, given: int | None, epochs: int, steps_per_epoch: int | None) -> int:
+    if given is not None:
+        return given
+    if steps_per_epoch is None:
+        raise ValueError(
+            f"Neumann: {name} is not given and neither is steps_per_epoch; pass "
+            f"steps_per_epoch=len(train_loader) to use the paper's default "
+            f"({epochs} epoch{'s' if epochs != 1 else ''}), or give {name} in steps"
+        )
+    return epochs * steps_per_epoch
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Neumann: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"Neumann: {name} must be a finite number {bound}, got {value!r}")
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Neumann: a tensor lr must have exactly one element")
+    else:
+        _check_float("lr", lr, 0.0)
+    _check_int("burn_in_steps", group["burn_in_steps"], 0)
+    _check_int("reset_steps", group["reset_steps"], 1)
+    _check_float("reset_growth", group["reset_growth"], 0.0, open_low=True)
+    _check_float("momentum_ramp_steps", group["momentum_ramp_steps"], 0.0, open_low=True)
+    mom = group["momentum"]
+    if not (isinstance(mom, (tuple, list)) and len(mom) == 2):
+        raise ValueError(f"Neumann: momentum must be a pair (mu_min, mu_max), got {mom!r}")
+    _check_float("momentum[0] (mu_min)", mom[0], 0.0, 1.0)
+    _check_float("momentum[1] (mu_max)", mom[1], 0.0, 1.0)
+    if mom[0] > mom[1]:
+        raise ValueError(f"Neumann: momentum must satisfy mu_min <= mu_max, got {tuple(mom)!r}")
+    group["momentum"] = tuple(float(x) for x in mom)
+    _check_float("cubic_weight", group["cubic_weight"], 0.0)
+    _check_float("repulsive_weight", group["repulsive_weight"], 0.0)
+    _check_float("ema_decay", group["ema_decay"], 0.0, 1.0)
+    _check_float("weight_decay", group["weight_decay"], 0.0)
+
+
+class Neumann(Optimizer):
+    r"""The Neumann optimizer (Krishnan, Xiao & Saurous, 2017, arXiv:1712.03298, Algorithm 2).
+
+    A large-batch optimizer that implicitly inverts each mini-batch's Hessian through a Neumann
+    series, at the cost and memory of Adam (two buffers per parameter: the Neumann iterate
+    ``m`` and a moving average ``v`` of the weights). Only ``lr`` needs tuning.
+
+    With ``s`` the number of applied steps, ``B`` = ``burn_in_steps`` and ``t = s - B``, each step
+    of a parameter group does, with ``g`` the gradient (plus ``weight_decay * w``):
+
+    .. code-block:: text
+
+        s <= B (burn-in, plain SGD):  w <- w - lr g                 (v = w_0 and m = 0 are kept)
+        t is a reset step:            m <- -lr g
+                                      w <- w + mu_t m - lr g;  v <- w + gamma (v - w)
+        otherwise:                    x = w - v,  r = ||x|| over the whole group
+                                      d = g + (alpha r^2 - beta / r^2) x / r      (d = g if r == 0)
+                                      m <- mu_t m - lr d
+                                      w <- w + mu_t m - lr d;  v <- w + gamma (v - w)
+
+    with ``mu_t = clip(1 - 1/(1 + t/tau), mu_min, mu_max)``, reset steps ``t = 1, 1+K_0,
+    1+K_0+K_1, ...`` where ``K_{j+1} = max(1, floor(reset_growth * K_j))``, ``alpha`` =
+    ``cubic_weight``, ``beta = repulsive_weight * n`` (``n`` scalars in the group) and ``gamma`` =
+    ``ema_decay``. The parameters the optimizer holds are Algorithm 2's *displaced* weights; the
+    weights to evaluate or export are ``w - mu m`` (:meth:`eval`, :meth:`evaluation_weights`).
+    The paper's OCR errata and all choices are in the project's SPEC.
+
+    Args:
+        params: parameters or parameter groups (named parameters are accepted too: their names
+            then appear in error messages). Every group has its own norm and its own ``n``.
+        lr: learning rate ``eta`` (the one hyperparameter to tune); read at every step, so every
+            ``torch.optim.lr_scheduler`` works.
+        steps_per_epoch: steps in one epoch; gives the paper's epoch-denominated defaults
+            (burn-in 5 epochs, first reset interval 10 epochs, momentum ramp 1 epoch).
+        burn_in_steps: ``B``, steps of plain SGD before the Neumann phase.
+        reset_steps: ``K_0``, Neumann-phase steps between the first two iterate resets.
+        reset_growth: factor by which the reset interval grows after every reset (2: doubling).
+        momentum: ``(mu_min, mu_max)``; equal values give a constant momentum.
+        momentum_ramp_steps: ``tau`` of the momentum ramp.
+        cubic_weight: ``alpha``, weight of the cubic regularizer ``alpha/3 ||w - v||^3``.
+        repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``.
+        ema_decay: ``gamma``, decay of the moving average ``v`` of the weights.
+        weight_decay: coupled L2 penalty added to the gradient (as ``torch.optim.SGD``).
+        nonfinite: what to do when a gradient holds inf or NaN: ``"skip"`` (default) leaves
+            weights and state untouched, warns and counts the step in
+            ``param_groups[i]["skipped_steps"]``; ``"raise"`` raises naming the parameter;
+            ``"ignore"`` does no check (fastest, no host synchronisation).
+        foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
+            all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor,
+        *,
+        steps_per_epoch: int | None = None,
+        burn_in_steps: int | None = None,
+        reset_steps: int | None = None,
+        reset_growth: float = 2.0,
+        momentum: tuple[float, float] = (0.5, 0.9),
+        momentum_ramp_steps: float | None = None,
+        cubic_weight: float = 1e-7,
+        repulsive_weight: float = 1e-5,
+        ema_decay: float = 0.99,
+        weight_decay: float = 0.0,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        if steps_per_epoch is not None:
+            _check_int("steps_per_epoch", steps_per_epoch, 1)
+        if nonfinite not in _NONFINITE_MODES:
+            raise ValueError(f"Neumann: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"Neumann: foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(
+            lr=lr,
+            burn_in_steps=_resolve_steps("burn_in_steps", burn_in_steps, 5, steps_per_epoch),
+            reset_steps=_resolve_steps("reset_steps", reset_steps, 10, steps_per_epoch),
+            reset_growth=reset_growth,
+            momentum=momentum,
+            momentum_ramp_steps=_resolve_steps(
+                "momentum_ramp_steps", momentum_ramp_steps, 1, steps_per_epoch  # type: ignore[arg-type]
+            ),
+            cubic_weight=cubic_weight,
+            repulsive_weight=repulsive_weight,
+            ema_decay=ema_decay,
+            weight_decay=weight_decay,
+            nonfinite=nonfinite,
+            foreach=foreach,
+        )
+        _validate_group(dict(defaults))
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        for key, default in _COUNTERS.items():
+            group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError("Neumann: call optimizer.train() before adding a parameter group")
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("Neumann does not support sparse parameters")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nonfinite", "skip")
+            group.setdefault("foreach", None)
+            for key, default in _COUNTERS.items():
+                group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+
+    def __repr__(self) -> str:
+        keys = ("lr", "burn_in_steps", "reset_steps", "reset_growth", "momentum", "momentum_ramp_steps",
+                "cubic_weight", "repulsive_weight", "ema_decay", "weight_decay")
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {group[k]}" for k in keys]
+            lines.append(f"    step: {group['step']}  (skipped: {group['skipped_steps']})")
+        lines.append(")")
+        return "\n".join(lines)
+
+    def _param_name(self, gi: int, pi: int) -> str:
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        p = group["params"][pi]
+        label = f"'{names[pi]}'" if names else f"#{pi}"
+        return f"parameter {label} of param group {gi} (shape {tuple(p.shape)})"
+
+    @property
+    def training(self) -> bool:
+        """False between :meth:`eval` and :meth:`train`."""
+        return all(g["train_mode"] for g in self.param_groups)
+
+    # ------------------------------------------------------------------ the step
+    def _gather(self) -> list[tuple[int, list[int], list[Tensor], list[Tensor]]]:
+        """Per group: (group index, indices of params with grads, those params, their grads)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            idx, ps, gs = [], [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"Neumann does not support sparse gradients ({self._param_name(gi, pi)})")
+                if p.grad.is_complex() != p.is_complex():
+                    raise RuntimeError(f"Neumann: gradient and {self._param_name(gi, pi)} differ in complexity")
+                idx.append(pi)
+                ps.append(p)
+                gs.append(p.grad)
+            out.append((gi, idx, ps, gs))
+        return out
+
+    def _all_finite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
+        grads = [local_tensor(g) for _, _, _, gs in gathered for g in gs]
+        if not grads:
+            return True
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(_real(g))
+        flags = []
+        for ts in by_device.values():
+            maxes = torch._foreach_norm(ts, math.inf)  # one read of every gradient; NaN propagates
+            flags.append(torch.isfinite(torch.stack(maxes)).all().to("cpu", non_blocking=False))
+        finite = bool(torch.stack(flags).all())
+        return all_reduce_flag(finite, gathered)
+
+    def _raise_nonfinite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> None:
+        for gi, idx, _, gs in gathered:
+            for pi, g in zip(idx, gs, strict=True):
+                if not bool(torch.isfinite(local_tensor(g)).all()):
+                    raise FloatingPointError(f"Neumann: non-finite gradient in {self._param_name(gi, pi)}")
+        raise FloatingPointError("Neumann: non-finite gradient on another rank")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply one step to every parameter that has a gradient; return ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.training:
+            raise RuntimeError(
+                "Neumann.step() called in evaluation mode: the parameters hold the evaluation "
+                "weights w - mu m; call optimizer.train() before training again"
+            )
+        gathered = self._gather()
+        mode = self.param_groups[0]["nonfinite"] if self.param_groups else "ignore"
+        if mode != "ignore" and not self._all_finite(gathered):
+            if mode == "raise":
+                self._raise_nonfinite(gathered)
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            warnings.warn(
+                "Neumann: non-finite gradient, step skipped (weights and state untouched); "
+                f"{self.param_groups[0]['skipped_steps']} skipped so far",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        for gi, _, params, grads in gathered:
+            self._step_group(self.param_groups[gi], params, grads)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
+        if params:
+            ms, vs = [], []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["v"] = p.detach().clone(memory_format=torch.preserve_format)
+                ms.append(state["m"])
+                vs.append(state["v"])
+            self._update(group, plan.phase, plan.momentum, params, grads, ms, vs)
+        group["step"] += 1
+        if plan.phase is not Phase.BURN_IN:
+            group["last_momentum"] = plan.momentum
+        if plan.phase is Phase.RESET:
+            group["next_reset"] += group["reset_interval"]
+            group["reset_interval"] = next_reset_interval(group["reset_interval"], group["reset_growth"])
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        phase: Phase,
+        mu: float,
+        params: list[Tensor],
+        grads: list[Tensor],
+        ms: list[Tensor],
+        vs: list[Tensor],
+    ) -> None:
+        lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(p.device.type != "cpu" for p in lw)
+        coef = None
+        if phase is Phase.NEUMANN:
+            sq = F.squared_distance(lw, lv, foreach)
+            sq = all_reduce_squared_norm(sq, params)
+            n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
+            coef = F.regularizer_coefficient(sq.sqrt(), group["cubic_weight"], group["repulsive_weight"] * n)
+        lr = group["lr"]
+        F.neumann_update(
+            lw,
+            lg,
+            lm,
+            lv,
+            phase=phase,
+            lr=float(lr),
+            momentum=mu,
+            coef=coef,
+            ema_decay=group["ema_decay"],
+            weight_decay=group["weight_decay"],
+            foreach=foreach,
+        )
+
+    # ------------------------------------------------------------------ evaluation weights
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Switch the parameters to the evaluation weights ``w - mu m`` (idempotent).
+
+        The training weights are kept aside and :meth:`train` restores them bit for bit.
+        With BatchNorm, recompute the running statistics afterwards
+        (``torch.optim.swa_utils.update_bn``).
+        """
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                continue
+            mu = group["last_momentum"]
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "m" not in state:
+                    continue
+                state["train_param"] = p.detach().clone(memory_format=torch.preserve_format)
+                if mu != 0.0:
+                    p.add_(state["m"], alpha=-mu)
+            group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> None:
+        """Restore the training weights kept by :meth:`eval`, bit for bit (idempotent)."""
+        if not mode:
+            self.eval()
+            return
+        for group in self.param_groups:
+            if group["train_mode"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "train_param" in state:
+                    p.copy_(state.pop("train_param"))
+            group["train_mode"] = True
+
+    @torch.no_grad()
+    def evaluation_weights(self) -> dict[Tensor, Tensor]:
+        """New tensors holding ``w - mu m`` for every parameter, without touching the model.
+
+        Parameters that were never stepped map to a copy of themselves. Works in either mode.
+        """
+        out: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            mu = group["last_momentum"]
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "train_param" in state or "m" not in state:
+                    out[p] = p.detach().clone()  # eval mode: p already holds w - mu m
+                else:
+                    out[p] = p.detach().clone().add_(state["m"], alpha=-mu)
+        return out
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Context manager: evaluation weights inside, training weights restored on exit."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.train()
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking that it is a Neumann state of the same model."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Neumann.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Neumann.load_state_dict: the state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            missing = [k for k in ("burn_in_steps", "reset_steps", "ema_decay", "step", "next_reset") if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"Neumann.load_state_dict: param group {gi} lacks {missing}: "
+                    "not a state dict of a Neumann optimizer"
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Neumann.load_state_dict: param group {gi} has {len(saved['params'])} parameters "
+                    f"in the state dict and {len(group['params'])} here: a state dict of another model?"
+                )
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                pstate = state_dict["state"].get(key)
+                if not pstate:
+                    continue
+                for name in ("m", "v", "train_param"):
+                    t = pstate.get(name)
+                    if t is not None and tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"Neumann.load_state_dict: state '{name}' of {self._param_name(gi, pi)} "
+                            f"has shape {tuple(t.shape)}: a state dict of another model?"
+                        )
+                if "m" not in pstate or "v" not in pstate:
+                    raise ValueError(
+                        f"Neumann.load_state_dict: state of {self._param_name(gi, pi)} lacks 'm' or 'v': "
+                        "not a state dict of a Neumann optimizer"
+                    )
+
+
+def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
+    """Agree across ranks on skipping (a sharded gradient may be non-finite on one rank only)."""
+    from ._distributed import all_ranks_true
+
+    params = [p for _, _, ps, _ in gathered for p in ps]
+    return all_ranks_true(finite, params)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_numel(p: Tensor) -> int:
+    return p.numel() * (2 if p.is_complex() else 1)

@@ -1,0 +1,359 @@
+"""torch.optim behaviour: validation, groups, closure, eval weights, state dicts, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from neumann_optimizer import Neumann, eval_state_dict
+
+KW = dict(burn_in_steps=3, reset_steps=4, momentum_ramp_steps=2, cubic_weight=1e-3, repulsive_weight=1e-4)
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def batches(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 5, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+# ----------------------------------------------------------------- hyperparameters
+def test_needs_steps_per_epoch_or_step_counts():
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        Neumann(tiny_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="reset_steps"):
+        Neumann(tiny_model().parameters(), lr=0.1, burn_in_steps=1, momentum_ramp_steps=1)
+
+
+def test_epoch_defaults():
+    opt = Neumann(tiny_model().parameters(), lr=0.1, steps_per_epoch=7)
+    g = opt.param_groups[0]
+    assert (g["burn_in_steps"], g["reset_steps"], g["momentum_ramp_steps"]) == (35, 70, 7)
+    assert g["momentum"] == (0.5, 0.9) and g["cubic_weight"] == 1e-7 and g["repulsive_weight"] == 1e-5
+    assert g["ema_decay"] == 0.99 and g["reset_growth"] == 2.0 and g["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("lr", -0.1), ("lr", float("nan")), ("burn_in_steps", -1), ("burn_in_steps", 1.5),
+        ("reset_steps", 0), ("reset_growth", 0.0), ("momentum", (0.9, 0.5)), ("momentum", (0.5, 1.5)),
+        ("momentum", 0.9), ("momentum_ramp_steps", 0), ("cubic_weight", -1.0),
+        ("repulsive_weight", float("inf")), ("ema_decay", 1.5), ("weight_decay", -0.1),
+        ("nonfinite", "maybe"), ("steps_per_epoch", 0), ("foreach", "yes"),
+    ],
+)
+def test_bad_hyperparameter_is_named(name, value):
+    kw = dict(lr=0.1, steps_per_epoch=10)
+    kw[name] = value
+    with pytest.raises(ValueError, match=name.split("[")[0]):
+        Neumann(tiny_model().parameters(), **kw)
+
+
+def test_bad_group_hyperparameter_is_named():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="ema_decay"):
+        Neumann([{"params": m[0].parameters()}, {"params": m[2].parameters(), "ema_decay": 2.0}],
+                lr=0.1, steps_per_epoch=5)
+
+
+# ----------------------------------------------------------------- step semantics
+def test_closure_loss_is_returned():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_param_without_grad_is_untouched():
+    model = tiny_model()
+    frozen = nn.Parameter(torch.randn(4))
+    opt = Neumann([*model.parameters(), frozen], lr=0.1, **KW)
+    before = frozen.detach().clone()
+    train(model, opt, batches(12))
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state
+    assert opt.param_groups[0]["step"] == 12
+
+
+def test_named_parameters_are_accepted_and_named_in_errors():
+    model = tiny_model()
+    opt = Neumann(model.named_parameters(), lr=0.1, nonfinite="raise", **KW)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'2\.bias'"):
+        opt.step()
+
+
+def test_training_reduces_loss_with_paper_defaults():
+    torch.manual_seed(0)
+    x = torch.randn(256, 5)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, steps_per_epoch=8)
+    first = nn.functional.cross_entropy(model(x), y).item()
+    for _ in range(30):
+        for i in range(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
+            opt.step()
+    with opt.evaluation():
+        last = nn.functional.cross_entropy(model(x), y).item()
+    assert last < 0.5 * first
+
+
+# ----------------------------------------------------------------- evaluation weights
+def test_eval_train_bit_exact_and_idempotent():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, batches(10))
+    w = [p.detach().clone() for p in model.parameters()]
+    mu = opt.param_groups[0]["last_momentum"]
+    assert mu > 0
+    expected = [p.detach() - mu * opt.state[p]["m"] for p in model.parameters()]
+    ev = opt.evaluation_weights()
+    assert all(torch.equal(a, b) for a, b in zip(w, model.parameters(), strict=True))  # untouched
+    opt.eval()
+    opt.eval()
+    assert not opt.training
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.detach(), ev[p])
+    with pytest.raises(RuntimeError, match=r"train\(\)"):
+        opt.step()
+    opt.train()
+    opt.train()
+    assert all(torch.equal(a, b) for a, b in zip(w, model.parameters(), strict=True))
+
+
+def test_eval_during_burn_in_is_identity():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, batches(2))
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.evaluation():
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_eval_state_dict_for_export():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, batches(9))
+    sd = eval_state_dict(model, opt)
+    with opt.evaluation():
+        for k, v in model.state_dict().items():
+            assert torch.equal(sd[k], v)
+    assert not torch.equal(sd["0.weight"], model[0].weight)
+
+
+# ----------------------------------------------------------------- state dicts
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cut", [2, 5, 6, 8, 13])  # burn-in, first reset, mid inner loop, reset, later
+@pytest.mark.parametrize("foreach", [False, True])
+def test_resume_is_bit_identical(cut, foreach):
+    data = batches(18)
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, foreach=foreach, **KW)
+    train(model, opt, data)
+
+    model2 = tiny_model()
+    opt2 = Neumann(model2.parameters(), lr=0.1, foreach=foreach, **KW)
+    train(model2, opt2, data[:cut])
+    msd, osd = roundtrip(model2.state_dict()), roundtrip(opt2.state_dict())
+    model3 = tiny_model(seed=5)
+    opt3 = Neumann(model3.parameters(), lr=0.5, foreach=foreach, **{**KW, "reset_steps": 99})
+    model3.load_state_dict(msd)
+    opt3.load_state_dict(osd)
+    train(model3, opt3, data[cut:])
+    for a, b in zip(model.parameters(), model3.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["m"], opt3.state[b]["m"])
+        assert torch.equal(opt.state[a]["v"], opt3.state[b]["v"])
+    assert opt.param_groups[0]["next_reset"] == opt3.param_groups[0]["next_reset"]
+
+
+def test_state_dict_saved_in_eval_mode_resumes():
+    data = batches(12)
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, data[:8])
+    opt.eval()
+    msd, osd = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
+    opt.train()
+    train(model, opt, data[8:])
+    model2 = tiny_model(seed=3)
+    opt2 = Neumann(model2.parameters(), lr=0.1, **KW)
+    model2.load_state_dict(msd)
+    opt2.load_state_dict(osd)
+    assert not opt2.training
+    opt2.train()
+    train(model2, opt2, data[8:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+
+
+def test_state_dict_of_another_model_is_refused():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, batches(3))
+    other = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    opt_other = Neumann(other.parameters(), lr=0.1, **KW)
+    before = copy.deepcopy(opt_other.state_dict())
+    with pytest.raises(ValueError, match="another model"):
+        opt_other.load_state_dict(opt.state_dict())
+    assert opt_other.state_dict() == before  # untouched
+    smaller = Neumann(nn.Linear(5, 3).parameters(), lr=0.1, **KW)
+    with pytest.raises(ValueError, match="another model"):
+        smaller.load_state_dict(opt.state_dict())
+
+
+def test_state_dict_of_another_optimizer_is_refused():
+    model = tiny_model()
+    adam = torch.optim.Adam(model.parameters())
+    train(model, adam, batches(2))
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    with pytest.raises(ValueError, match="not a state dict of a Neumann optimizer"):
+        opt.load_state_dict(adam.state_dict())
+
+
+def test_deepcopy_and_repr():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    train(model, opt, batches(3))
+    assert "repulsive_weight" in repr(opt) and "step: 3" in repr(opt)
+    copy.deepcopy(opt)
+
+
+# ----------------------------------------------------------------- bad input
+def test_sparse_gradient_is_refused():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = Neumann(emb.parameters(), lr=0.1, **KW)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+
+
+def test_complex_parameter_equals_its_real_view():
+    torch.manual_seed(0)
+    zc = nn.Parameter(torch.randn(6, dtype=torch.complex128))
+    zr = nn.Parameter(torch.view_as_real(zc.detach().clone()))
+    target = torch.randn(6, dtype=torch.complex128)
+    oc = Neumann([zc], lr=0.1, **KW)
+    orr = Neumann([zr], lr=0.1, **KW)
+    for _ in range(12):
+        oc.zero_grad()
+        orr.zero_grad()
+        (zc - target).abs().pow(2).sum().backward()
+        (torch.view_as_complex(zr) - target).abs().pow(2).sum().backward()
+        oc.step()
+        orr.step()
+    torch.testing.assert_close(torch.view_as_real(zc.detach()), zr.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_nonfinite_skip_leaves_everything_untouched_and_counts():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    data = batches(7)
+    train(model, opt, data[:6])
+    w = copy.deepcopy(model.state_dict())
+    st = copy.deepcopy(opt.state_dict())
+    x, y = data[6]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[1, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w[k])
+    new = opt.state_dict()
+    for k, s in st["state"].items():
+        for name in ("m", "v"):
+            assert torch.equal(new["state"][k][name], s[name])
+    assert opt.param_groups[0]["step"] == 6 and opt.param_groups[0]["skipped_steps"] == 1
+    model[0].weight.grad[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert opt.param_groups[0]["skipped_steps"] == 2
+
+
+def test_nonfinite_raise_names_parameter_and_ignore_does_not_check():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, nonfinite="raise", **KW)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"#2 of param group 0 \(shape \(3, 7\)\)"):
+        opt.step()
+    opt_ignore = Neumann(model.parameters(), lr=0.1, nonfinite="ignore", **KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_ignore.step()
+    assert torch.isnan(model[2].weight).any()
+
+
+def test_grad_scaler_skips_overflowed_steps():
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches(8):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert opt.param_groups[0]["step"] == 8
+    w = copy.deepcopy(model.state_dict())
+    x, y = batches(1, seed=9)[0]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.param_groups[0]["step"] == 8
+    assert all(torch.equal(v, w[k]) for k, v in model.state_dict().items())
+
+
+def test_bfloat16_parameters_track_float32():
+    m32 = tiny_model()
+    m16 = tiny_model(dtype=torch.bfloat16)
+    m16.load_state_dict({k: v.bfloat16() for k, v in m32.state_dict().items()})
+    o32 = Neumann(m32.parameters(), lr=0.05, **KW)
+    o16 = Neumann(m16.parameters(), lr=0.05, **KW)
+    data = batches(12)
+    train(m32, o32, data)
+    train(m16, o16, [(x.bfloat16(), y) for x, y in data])
+    for a, b in zip(m32.parameters(), m16.parameters(), strict=True):
+        assert b.dtype == torch.bfloat16 and o16.state[b]["m"].dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.05)
