@@ -9,10 +9,10 @@ data = make_dataset(get_dataset_args())  # generated locally, nothing is downloa
 x, y = torch.tensor(data["x"], dtype=torch.float32), torch.tensor(data["y"])
 xt, yt = torch.tensor(data["x_test"], dtype=torch.float32), torch.tensor(data["y_test"])
 model = torch.nn.Sequential(torch.nn.Linear(40, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=100, shuffle=True)
+loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=100, shuffle=True)
 opt = Neumann(model.parameters(), lr=0.05, steps_per_epoch=len(loader))  # paper defaults
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=60 * len(loader))
-for epoch in range(60):
+for _ in range(60):
     for xb, yb in loader:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), yb).backward()

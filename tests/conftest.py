@@ -24,9 +24,7 @@ class ElementwiseProblem:
         self.a = [[rng.uniform(0.2, 2.0, size=s) for s in shapes] for shapes in group_shapes]
         self.c = [[rng.normal(size=s) for s in shapes] for shapes in group_shapes]
         self.w0 = [[rng.normal(size=s) for s in shapes] for shapes in group_shapes]
-        self.params = [
-            [torch.tensor(w, dtype=dtype, requires_grad=True) for w in ws] for ws in self.w0
-        ]
+        self.params = [[torch.tensor(w, dtype=dtype, requires_grad=True) for w in ws] for ws in self.w0]
 
     def set_grads(self) -> None:
         with torch.no_grad():

@@ -19,8 +19,7 @@ def test_compiled_step_matches_eager():
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    kw = dict(lr=0.05, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=1e-3,
-              repulsive_weight=1e-4)
+    kw = dict(lr=0.05, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=1e-3, repulsive_weight=1e-4)
     opts = [Neumann(m.parameters(), **kw) for m in models]
     compiled_step = torch.compile(opts[1].step)
     x = torch.randn(10, 32, 8)

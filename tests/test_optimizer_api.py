@@ -51,11 +51,23 @@ def test_epoch_defaults():
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("lr", -0.1), ("lr", float("nan")), ("burn_in_steps", -1), ("burn_in_steps", 1.5),
-        ("reset_steps", 0), ("reset_growth", 0.0), ("momentum", (0.9, 0.5)), ("momentum", (0.5, 1.5)),
-        ("momentum", 0.9), ("momentum_ramp_steps", 0), ("cubic_weight", -1.0),
-        ("repulsive_weight", float("inf")), ("ema_decay", 1.5), ("weight_decay", -0.1),
-        ("nonfinite", "maybe"), ("steps_per_epoch", 0), ("foreach", "yes"),
+        ("lr", -0.1),
+        ("lr", float("nan")),
+        ("burn_in_steps", -1),
+        ("burn_in_steps", 1.5),
+        ("reset_steps", 0),
+        ("reset_growth", 0.0),
+        ("momentum", (0.9, 0.5)),
+        ("momentum", (0.5, 1.5)),
+        ("momentum", 0.9),
+        ("momentum_ramp_steps", 0),
+        ("cubic_weight", -1.0),
+        ("repulsive_weight", float("inf")),
+        ("ema_decay", 1.5),
+        ("weight_decay", -0.1),
+        ("nonfinite", "maybe"),
+        ("steps_per_epoch", 0),
+        ("foreach", "yes"),
     ],
 )
 def test_bad_hyperparameter_is_named(name, value):
@@ -68,8 +80,9 @@ def test_bad_hyperparameter_is_named(name, value):
 def test_bad_group_hyperparameter_is_named():
     m = tiny_model()
     with pytest.raises(ValueError, match="ema_decay"):
-        Neumann([{"params": m[0].parameters()}, {"params": m[2].parameters(), "ema_decay": 2.0}],
-                lr=0.1, steps_per_epoch=5)
+        Neumann(
+            [{"params": m[0].parameters()}, {"params": m[2].parameters(), "ema_decay": 2.0}], lr=0.1, steps_per_epoch=5
+        )
 
 
 # ----------------------------------------------------------------- step semantics
@@ -120,7 +133,7 @@ def test_training_reduces_loss_with_paper_defaults():
     for _ in range(30):
         for i in range(8):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
+            nn.functional.cross_entropy(model(x[i * 32 : (i + 1) * 32]), y[i * 32 : (i + 1) * 32]).backward()
             opt.step()
     with opt.evaluation():
         last = nn.functional.cross_entropy(model(x), y).item()

@@ -79,9 +79,18 @@ def test_matches_float64_reference_every_step(groups, foreach, seed):
 def test_regularizer_is_active_in_reference_test():
     """Guard: with the test's weights the regularizer changes the trajectory (else the
     reference test above could not catch a wrong regularizer)."""
-    hp = dict(lr=0.1, burn_in_steps=2, reset_steps=20, reset_growth=2.0, momentum=(0.5, 0.9),
-              momentum_ramp_steps=2.0, cubic_weight=0.05, repulsive_weight=1e-3, ema_decay=0.9,
-              weight_decay=0.0)
+    hp = dict(
+        lr=0.1,
+        burn_in_steps=2,
+        reset_steps=20,
+        reset_growth=2.0,
+        momentum=(0.5, 0.9),
+        momentum_ramp_steps=2.0,
+        cubic_weight=0.05,
+        repulsive_weight=1e-3,
+        ema_decay=0.9,
+        weight_decay=0.0,
+    )
     p1 = ElementwiseProblem([[(3, 4)]], 0)
     p2 = ElementwiseProblem([[(3, 4)]], 0)
     o1 = Neumann(p1.params[0], **hp)
@@ -96,9 +105,18 @@ def test_regularizer_is_active_in_reference_test():
 
 def test_lr_read_every_step_follows_scheduler():
     problem = ElementwiseProblem([[(5,), (2, 3)]], 3)
-    hp = dict(lr=0.1, burn_in_steps=3, reset_steps=4, reset_growth=2.0, momentum=(0.5, 0.9),
-              momentum_ramp_steps=3.0, cubic_weight=0.01, repulsive_weight=1e-4, ema_decay=0.9,
-              weight_decay=0.0)
+    hp = dict(
+        lr=0.1,
+        burn_in_steps=3,
+        reset_steps=4,
+        reset_growth=2.0,
+        momentum=(0.5, 0.9),
+        momentum_ramp_steps=3.0,
+        cubic_weight=0.01,
+        repulsive_weight=1e-4,
+        ema_decay=0.9,
+        weight_decay=0.0,
+    )
     opt = Neumann(problem.params[0], **hp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.3 * k))
     ref = make_ref(problem, 0, hp)
@@ -119,21 +137,30 @@ def test_reduces_to_sgd_nesterov():
     model_b = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     model_b.load_state_dict(model_a.state_dict())
     lr, mu = 0.05, 0.9
-    opt_a = Neumann(model_a.parameters(), lr=lr, burn_in_steps=0, reset_steps=10**9, momentum=(mu, mu),
-                    momentum_ramp_steps=1, cubic_weight=0.0, repulsive_weight=0.0)
+    opt_a = Neumann(
+        model_a.parameters(),
+        lr=lr,
+        burn_in_steps=0,
+        reset_steps=10**9,
+        momentum=(mu, mu),
+        momentum_ramp_steps=1,
+        cubic_weight=0.0,
+        repulsive_weight=0.0,
+    )
     opt_b = torch.optim.SGD(model_b.parameters(), lr=lr, momentum=mu, nesterov=True)
     x = torch.randn(64, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (64,))
     for step in range(30):
-        xb, yb = x[(step % 4) * 16:(step % 4 + 1) * 16], y[(step % 4) * 16:(step % 4 + 1) * 16]
+        xb, yb = x[(step % 4) * 16 : (step % 4 + 1) * 16], y[(step % 4) * 16 : (step % 4 + 1) * 16]
         for model, opt in ((model_a, opt_a), (model_b, opt_b)):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
         for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
             torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(opt_a.state[pa]["m"], -lr * opt_b.state[pb]["momentum_buffer"],
-                                       rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(
+                opt_a.state[pa]["m"], -lr * opt_b.state[pb]["momentum_buffer"], rtol=1e-12, atol=1e-13
+            )
 
 
 @settings(max_examples=15, deadline=None)
@@ -143,9 +170,17 @@ def test_foreach_and_for_loop_paths_identical(seed, dtype):
     runs = []
     for foreach in (False, True):
         problem = ElementwiseProblem(shapes, seed, dtype=dtype)
-        opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
-                      lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05,
-                      repulsive_weight=1e-3, weight_decay=0.01, foreach=foreach)
+        opt = Neumann(
+            [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
+            lr=0.1,
+            burn_in_steps=2,
+            reset_steps=3,
+            momentum_ramp_steps=2,
+            cubic_weight=0.05,
+            repulsive_weight=1e-3,
+            weight_decay=0.01,
+            foreach=foreach,
+        )
         for _ in range(15):
             problem.set_grads()
             opt.step()

@@ -1,5 +1,7 @@
 """The Neumann optimizer (Krishnan, Xiao & Saurous, arXiv:1712.03298) for PyTorch."""
 
+import torch
+
 from .idealized import neumann_outer_step
 from .optimizer import Neumann
 
@@ -8,7 +10,7 @@ __all__ = ["Neumann", "__version__", "eval_state_dict", "neumann_outer_step"]
 __version__ = "0.1.0"
 
 
-def eval_state_dict(model, optimizer: Neumann) -> dict:  # type: ignore[no-untyped-def]
+def eval_state_dict(model: torch.nn.Module, optimizer: Neumann) -> dict[str, torch.Tensor]:
     """A copy of ``model.state_dict()`` with every parameter replaced by its evaluation weight.
 
     For export: it does not touch the model, works in either optimizer mode, and keeps buffers

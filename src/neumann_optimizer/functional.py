@@ -45,6 +45,7 @@ def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> T
     if not params:
         return torch.zeros(())
     acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    norms: list[Tensor] | tuple[Tensor, ...]
     if foreach:
         diffs = torch._foreach_sub(params, vs)
         norms = torch._foreach_norm(diffs, 2.0)
@@ -107,6 +108,7 @@ def _multi_tensor_neumann(
     if phase is Phase.BURN_IN:
         torch._foreach_add_(params, grads, alpha=-lr)
         return
+    ds: list[Tensor] | tuple[Tensor, ...]
     if phase is Phase.RESET:
         ds = grads
         torch._foreach_copy_(ms, torch._foreach_mul(grads, -lr))

@@ -34,7 +34,7 @@ _COUNTERS = {
 }
 
 
-def _resolve_steps(name: str, given: int | None, epochs: int, steps_per_epoch: int | None) -> int:
+def _resolve_steps(name: str, given: float | None, epochs: int, steps_per_epoch: int | None) -> float:
     if given is not None:
         return given
     if steps_per_epoch is None:
@@ -82,6 +82,10 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_float("repulsive_weight", group["repulsive_weight"], 0.0)
     _check_float("ema_decay", group["ema_decay"], 0.0, 1.0)
     _check_float("weight_decay", group["weight_decay"], 0.0)
+    if group["regularizer_schedule"] not in ("constant", "lr"):
+        raise ValueError(
+            f"Neumann: regularizer_schedule must be 'constant' or 'lr', got {group['regularizer_schedule']!r}"
+        )
 
 
 class Neumann(Optimizer):
@@ -127,6 +131,10 @@ class Neumann(Optimizer):
         repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``.
         ema_decay: ``gamma``, decay of the moving average ``v`` of the weights.
         weight_decay: coupled L2 penalty added to the gradient (as ``torch.optim.SGD``).
+        regularizer_schedule: ``"constant"`` (the paper, default) or ``"lr"``: an opt-in variant
+            (ours, not the paper's) that scales ``alpha`` and ``beta`` by ``lr / reference_lr``,
+            the learning rate's ratio to its value when the group was created, so the
+            regularizers decay with the learning-rate schedule.
         nonfinite: what to do when a gradient holds inf or NaN: ``"skip"`` (default) leaves
             weights and state untouched, warns and counts the step in
             ``param_groups[i]["skipped_steps"]``; ``"raise"`` raises naming the parameter;
@@ -150,6 +158,7 @@ class Neumann(Optimizer):
         repulsive_weight: float = 1e-5,
         ema_decay: float = 0.99,
         weight_decay: float = 0.0,
+        regularizer_schedule: str = "constant",
         nonfinite: str = "skip",
         foreach: bool | None = None,
     ) -> None:
@@ -166,12 +175,16 @@ class Neumann(Optimizer):
             reset_growth=reset_growth,
             momentum=momentum,
             momentum_ramp_steps=_resolve_steps(
-                "momentum_ramp_steps", momentum_ramp_steps, 1, steps_per_epoch  # type: ignore[arg-type]
+                "momentum_ramp_steps",
+                momentum_ramp_steps,
+                1,
+                steps_per_epoch,
             ),
             cubic_weight=cubic_weight,
             repulsive_weight=repulsive_weight,
             ema_decay=ema_decay,
             weight_decay=weight_decay,
+            regularizer_schedule=regularizer_schedule,
             nonfinite=nonfinite,
             foreach=foreach,
         )
@@ -185,6 +198,7 @@ class Neumann(Optimizer):
         _validate_group(group)
         for key, default in _COUNTERS.items():
             group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+        group.setdefault("reference_lr", float(group["lr"]))
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError("Neumann: call optimizer.train() before adding a parameter group")
         for p in group["params"]:
@@ -196,12 +210,25 @@ class Neumann(Optimizer):
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
+            group.setdefault("regularizer_schedule", "constant")
+            group.setdefault("reference_lr", float(group["lr"]))
             for key, default in _COUNTERS.items():
                 group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
 
     def __repr__(self) -> str:
-        keys = ("lr", "burn_in_steps", "reset_steps", "reset_growth", "momentum", "momentum_ramp_steps",
-                "cubic_weight", "repulsive_weight", "ema_decay", "weight_decay")
+        keys = (
+            "lr",
+            "burn_in_steps",
+            "reset_steps",
+            "reset_growth",
+            "momentum",
+            "momentum_ramp_steps",
+            "cubic_weight",
+            "repulsive_weight",
+            "ema_decay",
+            "weight_decay",
+            "regularizer_schedule",
+        )
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
@@ -330,7 +357,12 @@ class Neumann(Optimizer):
             sq = F.squared_distance(lw, lv, foreach)
             sq = all_reduce_squared_norm(sq, params)
             n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
-            coef = F.regularizer_coefficient(sq.sqrt(), group["cubic_weight"], group["repulsive_weight"] * n)
+            scale = 1.0
+            if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
+                scale = float(group["lr"]) / group["reference_lr"]
+            coef = F.regularizer_coefficient(
+                sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
+            )
         lr = group["lr"]
         F.neumann_update(
             lw,

@@ -1,0 +1,1 @@
+"""Small-scale reproduction of the paper's studies: ``neumann-repro STUDY`` (extra ``[repro]``)."""

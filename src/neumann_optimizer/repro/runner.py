@@ -1,0 +1,135 @@
+"""Running many configs with a cache, and the aggregation every study shares."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tasks import Dataset, load_task
+from .train import run
+
+CHANCE_ERROR = 90.0  # a diverged run counts as chance level (10 classes) when tuning
+
+
+def config_key(cfg: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs configs, caching each finished run as ``OUT/cache/<key>.json`` (resumable)."""
+
+    def __init__(self, out: Path, device: str = "cpu", data_dir: Path | None = None, progress: bool = True):
+        self.out = Path(out)
+        self.device = torch.device(device)
+        self.data_dir = data_dir
+        self.progress = progress
+        self._data: dict[str, Dataset] = {}
+        self.cache_dir = self.out / "cache"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def data(self, task: str) -> Dataset:
+        if task not in self._data:
+            self._data[task] = load_task(task, self.out / "data", self.data_dir)
+        return self._data[task]
+
+    def run_all(self, configs: list[dict[str, Any]], desc: str = "runs") -> list[dict[str, Any]]:
+        results: list[dict[str, Any] | None] = []
+        todo = []
+        for cfg in configs:
+            path = self.cache_dir / f"{config_key(cfg)}.json"
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+            else:
+                results.append(None)
+                todo.append((len(results) - 1, cfg, path))
+        bar = _progress(len(todo), desc, self.progress)
+        for i, cfg, path in todo:
+            res = run(cfg, self.data(cfg["task"]), self.device)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res))
+            tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
+            results[i] = res
+            bar.update(1)
+        bar.close()
+        return [r for r in results if r is not None]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- aggregation
+def final(res: dict[str, Any], metric: str = "test_error") -> float:
+    """The last epoch's metric; chance error for a diverged run."""
+    if res["diverged"] or not res["history"]:
+        return CHANCE_ERROR if metric.endswith("error") else math.inf
+    value = res["history"][-1][metric]
+    return value if math.isfinite(value) else CHANCE_ERROR
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = list(values)
+    if not v:
+        return math.nan, math.nan
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def by(results: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        out[tuple(r["config"].get(k) for k in keys)].append(r)
+    return dict(out)
+
+
+def tune_lr(results: list[dict[str, Any]], score: Callable[[dict[str, Any]], float] | None = None) -> float:
+    """The learning rate with the lowest mean final validation error over seeds."""
+    score = score or (lambda r: final(r, "val_error"))
+    per_lr = by(results, "lr")
+    return min(per_lr, key=lambda k: (mean_std(score(r) for r in per_lr[k])[0], k[0]))[0]
+
+
+def mean_curve(results: list[dict[str, Any]], metric: str = "test_error") -> list[float]:
+    """Mean over seeds of a per-epoch metric (diverged epochs count as chance)."""
+    epochs = max(len(r["history"]) for r in results)
+    n = max(r["config"]["epochs"] for r in results)
+    curve = []
+    for e in range(max(epochs, n)):
+        vals = []
+        for r in results:
+            h = r["history"]
+            vals.append(h[e][metric] if e < len(h) and math.isfinite(h[e][metric]) else CHANCE_ERROR)
+        curve.append(statistics.fmean(vals))
+    return curve
+
+
+def epochs_to_reach(curve: list[float], target: float) -> int | None:
+    for e, v in enumerate(curve, start=1):
+        if v <= target:
+            return e
+    return None
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"

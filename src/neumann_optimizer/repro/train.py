@@ -1,0 +1,188 @@
+"""One training run of the reproduction: a config in, per-epoch metrics out.
+
+A run config is a flat dict (hashed for the cache)::
+
+    task, model, optimizer, lr, batch, epochs, seed, warmup_epochs,
+    and for Neumann: cubic_weight, repulsive_weight, burn_in_epochs, regularizer_schedule
+
+Every optimizer uses the same schedule family: linear warmup over ``warmup_epochs`` (baselines;
+Neumann's burn-in and momentum ramp are its own warmup), then cosine decay to 0 at the end.
+Neumann is evaluated with its evaluation weights ``w - mu m`` and, for BatchNorm models, with
+BatchNorm statistics recomputed for those weights (``torch.optim.swa_utils.update_bn``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optimizer import Neumann
+from .tasks import Dataset, has_batchnorm, make_model
+
+OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "rmsprop")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup for ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def make_optimizer(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int) -> torch.optim.Optimizer:
+    name, lr = cfg["optimizer"], cfg["lr"]
+    params = model.parameters()
+    if name in ("neumann", "neumann-adaptive"):
+        kw: dict[str, Any] = {}
+        for key in ("cubic_weight", "repulsive_weight", "regularizer_schedule"):
+            if cfg.get(key) is not None:
+                kw[key] = cfg[key]
+        if cfg.get("burn_in_epochs") is not None:
+            kw["burn_in_steps"] = int(cfg["burn_in_epochs"] * steps_per_epoch)
+        return Neumann(params, lr=lr, steps_per_epoch=steps_per_epoch, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and error rate (in %) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, wrong = 0.0, 0
+    for i in range(0, len(x), 4096):
+        xb, yb = x[i : i + 4096].to(device), y[i : i + 4096].to(device)
+        out = model(xb)
+        loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
+        wrong += (out.argmax(1) != yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(x), 100.0 * wrong / len(x)
+
+
+class _RegularizerMonitor:
+    """Fraction of regularized Neumann steps whose repulsive force ``beta/r^2`` exceeds ``||g||``."""
+
+    def __init__(self) -> None:
+        self.wins: list[tuple[int, bool]] = []  # (step index, repulsive force > ||g||)
+
+    @torch.no_grad()
+    def observe(self, opt: Neumann) -> None:
+        group = opt.param_groups[0]
+        s = group["step"] + 1
+        t = s - group["burn_in_steps"]
+        if t <= 0 or t == group["next_reset"]:
+            return
+        ps = [p for p in group["params"] if p.grad is not None and p in opt.state]
+        if not ps:
+            return
+        r2 = sum(float((p - opt.state[p]["v"]).pow(2).sum()) for p in ps)
+        g = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps))
+        n = sum(p.numel() for p in group["params"])
+        beta = group["repulsive_weight"] * n
+        if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
+            beta *= group["lr"] / group["reference_lr"]
+        self.wins.append((s, r2 > 0 and beta / r2 > g))
+
+    def fractions(self, total_steps: int) -> tuple[float, float]:
+        """Over all regularized steps, and over those in the last 10% of training."""
+        last = [w for s, w in self.wins if s > 0.9 * total_steps]
+        frac = lambda ws: sum(ws) / len(ws) if ws else 0.0  # noqa: E731
+        return frac([w for _, w in self.wins]), frac(last)
+
+
+def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
+    """Train one config; return the config, per-epoch metrics and a divergence flag."""
+    torch.manual_seed(cfg["seed"])
+    model = make_model(cfg["model"], data).to(device)
+    n = len(data.x_train)
+    batch = cfg["batch"]
+    steps_per_epoch = max(1, n // batch)
+    total = steps_per_epoch * cfg["epochs"]
+    opt = make_optimizer(cfg, model, steps_per_epoch)
+    warmup = int(cfg.get("warmup_epochs", 0) * steps_per_epoch) if cfg["optimizer"] != "neumann" else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, total, warmup))
+    is_neumann = isinstance(opt, Neumann)
+    bn = has_batchnorm(model)
+    monitor = _RegularizerMonitor() if (is_neumann and cfg.get("track_regularizer")) else None
+    adaptive = None
+    if cfg["optimizer"] == "neumann-adaptive":
+        from ..diagnostics import AdaptiveMomentum
+
+        adaptive = AdaptiveMomentum(opt, every=cfg.get("adaptive_every") or steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    bn_batches = [x_train[i : i + 1024] for i in range(0, min(n, 8192), 1024)]
+    history: list[dict[str, float]] = []
+    diverged = False
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg["epochs"] + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = 0.0
+        for k in range(steps_per_epoch):
+            idx = perm[k * batch : (k + 1) * batch]
+            if adaptive is not None and opt.param_groups[0]["step"] >= opt.param_groups[0]["burn_in_steps"]:
+                adaptive.update(lambda idx=idx: nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            loss.backward()
+            if monitor is not None:
+                monitor.observe(opt)  # type: ignore[arg-type]
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+        train_loss = loss_sum / steps_per_epoch
+        if not math.isfinite(train_loss):
+            diverged = True
+        if is_neumann:
+            opt.eval()  # type: ignore[attr-defined]
+            if bn:
+                saved = copy.deepcopy(
+                    {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+                )
+                torch.optim.swa_utils.update_bn(bn_batches, model)
+        val_loss, val_err = evaluate(model, data.x_val, data.y_val, device)
+        test_loss, test_err = evaluate(model, data.x_test, data.y_test, device)
+        if is_neumann:
+            if bn:
+                model.load_state_dict(saved, strict=False)
+            opt.train()  # type: ignore[attr-defined]
+        if not math.isfinite(val_loss):
+            diverged = True
+        history.append(
+            dict(
+                epoch=epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_error=val_err,
+                test_loss=test_loss,
+                test_error=test_err,
+            )
+        )
+        if diverged:
+            break
+    out: dict[str, Any] = dict(
+        config=cfg,
+        history=history,
+        diverged=diverged,
+        seconds=time.perf_counter() - t0,
+        steps_per_epoch=steps_per_epoch,
+    )
+    if adaptive is not None:
+        out["adaptive_momentum"] = adaptive.history
+    if monitor is not None:
+        overall, last = monitor.fractions(total)
+        out["repulsive_exceeds_grad_fraction"] = overall
+        out["repulsive_exceeds_grad_fraction_last10"] = last
+    return out
