@@ -21,12 +21,20 @@ to the last bit on CPU.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import Tensor
 
 from .schedule import Phase
 
-__all__ = ["neumann_update", "regularizer_coefficient", "squared_distance"]
+__all__ = [
+    "fused_neumann_update",
+    "fused_squared_distance",
+    "neumann_update",
+    "regularizer_coefficient",
+    "squared_distance",
+]
 
 
 def regularizer_coefficient(r: Tensor, cubic_weight: float, repulsive_weight_total: float) -> Tensor:
@@ -155,4 +163,129 @@ def neumann_update(
         momentum=momentum,
         coef=coef,
         ema_decay=ema_decay,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused path: one compiled pass per step that also returns the next step's ||w - v||^2.
+# ---------------------------------------------------------------------------------------------
+def _fused_body(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    lr: Tensor,
+    mu: Tensor,
+    coef: Tensor,
+    keep: Tensor,
+    weight_decay: Tensor,
+    phase: str,
+    use_weight_decay: bool,
+) -> Tensor:
+    """The SPEC's update for every tensor, written once; ``phase`` and the flag are static."""
+    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    sq = torch.zeros((), dtype=acc, device=lr.device)
+    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
+        if use_weight_decay:
+            g = g + weight_decay * w
+        if phase == "burn_in":
+            w.copy_(w - lr * g)
+            continue
+        if phase == "reset":
+            d = g
+            m_new = -lr * d
+        else:
+            d = g + coef * (w - v)
+            m_new = mu * m - lr * d
+        w_new = w + mu * m_new - lr * d
+        v_new = v + keep * (w_new - v)  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
+        m.copy_(m_new)
+        w.copy_(w_new)
+        v.copy_(v_new)
+        diff = (w_new - v_new).to(acc)
+        sq = sq + (diff * diff).sum()
+    return sq
+
+
+def _sq_body(params: list[Tensor], vs: list[Tensor]) -> Tensor:
+    """``sum ||w - v||^2`` accumulated exactly as :func:`_fused_body` does."""
+    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    sq = torch.zeros((), dtype=acc, device=params[0].device)
+    for w, v in zip(params, vs, strict=True):
+        diff = (w - v).to(acc)
+        sq = sq + (diff * diff).sum()
+    return sq
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _compiled(key: tuple) -> object:
+    """A compiled copy of a body, one per ``key``.
+
+    Dynamo caches compiled graphs per code object and caps them (``recompile_limit``, 8); each
+    phase, tensor count and dtype of a group is a graph of its own, so every key gets its own
+    copy of the code object and so its own cache.
+    """
+    fn = _COMPILED.get(key)
+    if fn is None:
+        body = _fused_body if key[0] == "step" else _sq_body
+        tag = "_".join(str(k).replace(".", "_") for k in key)
+        code = body.__code__.replace(co_name=f"{body.__name__}_{tag}")
+        copy = types.FunctionType(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
+        fn = torch.compile(copy, fullgraph=True, dynamic=False)
+        _COMPILED[key] = fn
+    return fn
+
+
+def _key(kind: str, params: list[Tensor], *extra: object) -> tuple:
+    return (kind, len(params), params[0].dtype, params[0].device.type, *extra)
+
+
+def fused_squared_distance(params: list[Tensor], vs: list[Tensor]) -> Tensor:
+    """:func:`squared_distance` for the fused path (same accumulation as the fused step)."""
+    return _compiled(_key("sq", params))(params, vs)  # type: ignore[operator]
+
+
+def fused_neumann_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+    weight_decay: float,
+) -> Tensor:
+    """The update of :func:`neumann_update` in one ``torch.compile``d pass over the tensors.
+
+    Returns ``sum ||w - v||^2`` after the update (a 0-d tensor on the parameters' device, float64
+    for float64 parameters, float32 otherwise),
+    which the optimizer keeps for the next step's regularizer instead of a separate pass. Scalars
+    travel as 0-d tensors, so a changing learning rate does not recompile. Raises whatever
+    compilation raises; the optimizer then falls back to the multi-tensor path.
+    """
+    fn = _compiled(_key("step", params, phase.value, weight_decay != 0.0))
+    dev = params[0].device
+    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+
+    def scalar(x: float) -> Tensor:
+        return torch.tensor(x, dtype=dtype, device=dev)
+
+    c = coef.to(device=dev, dtype=dtype) if coef is not None else scalar(0.0)
+    return fn(  # type: ignore[operator]
+        params,
+        grads,
+        ms,
+        vs,
+        scalar(lr),
+        scalar(momentum),
+        c,
+        scalar(1.0 - ema_decay),
+        scalar(weight_decay),
+        phase.value,
+        weight_decay != 0.0,
     )

@@ -141,6 +141,10 @@ class Neumann(Optimizer):
             ``"ignore"`` does no check (fastest, no host synchronisation).
         foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
             all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
+        fused: one ``torch.compile``d pass per step that also computes the next step's
+            ``||w - v||`` (no separate pass over ``w`` and ``v``). Compiles on the first step of
+            each phase; falls back to the multi-tensor path with a warning where compilation
+            fails. ``None`` uses it where ``benchmarks/step_time.py`` showed it faster.
     """
 
     def __init__(
@@ -161,13 +165,17 @@ class Neumann(Optimizer):
         regularizer_schedule: str = "constant",
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if steps_per_epoch is not None:
             _check_int("steps_per_epoch", steps_per_epoch, 1)
         if nonfinite not in _NONFINITE_MODES:
             raise ValueError(f"Neumann: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"Neumann: foreach must be None, True or False, got {foreach!r}")
+        for flag, value in (("foreach", foreach), ("fused", fused)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"Neumann: {flag} must be None, True or False, got {value!r}")
+        if fused and foreach:
+            raise ValueError("Neumann: choose one of fused=True and foreach=True")
         defaults = dict(
             lr=lr,
             burn_in_steps=_resolve_steps("burn_in_steps", burn_in_steps, 5, steps_per_epoch),
@@ -187,8 +195,12 @@ class Neumann(Optimizer):
             regularizer_schedule=regularizer_schedule,
             nonfinite=nonfinite,
             foreach=foreach,
+            fused=fused,
         )
         _validate_group(dict(defaults))
+        # fused path: per group index, (sum ||w - v||^2 after the last step, what it was computed on)
+        self._norm_cache: dict[int, tuple[Tensor, tuple[int, ...], list[Tensor], list[Tensor]]] = {}
+        self._fused_failed = False
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -207,9 +219,12 @@ class Neumann(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_norm_cache", {})
+        self.__dict__.setdefault("_fused_failed", False)
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("regularizer_schedule", "constant")
             group.setdefault("reference_lr", float(group["lr"]))
             for key, default in _COUNTERS.items():
@@ -269,17 +284,13 @@ class Neumann(Optimizer):
         return out
 
     def _all_finite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
-        grads = [local_tensor(g) for _, _, _, gs in gathered for g in gs]
-        if not grads:
+        """One read of every gradient: a sum is finite iff no element is inf or NaN (barring a
+        float overflow of the sum itself, beyond 3e38 in float32). One host synchronisation."""
+        sums = [_real(local_tensor(g)).sum(dtype=torch.float32) for _, _, _, gs in gathered for g in gs]
+        if not sums:
             return True
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(_real(g))
-        flags = []
-        for ts in by_device.values():
-            maxes = torch._foreach_norm(ts, math.inf)  # one read of every gradient; NaN propagates
-            flags.append(torch.isfinite(torch.stack(maxes)).all().to("cpu", non_blocking=False))
-        finite = bool(torch.stack(flags).all())
+        dev = sums[0].device
+        finite = bool(torch.isfinite(torch.stack([s.to(dev) for s in sums])).all())
         return all_reduce_flag(finite, gathered)
 
     def _raise_nonfinite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> None:
@@ -316,10 +327,11 @@ class Neumann(Optimizer):
             )
             return loss
         for gi, _, params, grads in gathered:
-            self._step_group(self.param_groups[gi], params, grads)
+            self._step_group(gi, params, grads)
         return loss
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        group = self.param_groups[gi]
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
         if params:
             ms, vs = [], []
@@ -330,7 +342,7 @@ class Neumann(Optimizer):
                     state["v"] = p.detach().clone(memory_format=torch.preserve_format)
                 ms.append(state["m"])
                 vs.append(state["v"])
-            self._update(group, plan.phase, plan.momentum, params, grads, ms, vs)
+            self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs)
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
             group["last_momentum"] = plan.momentum
@@ -340,7 +352,7 @@ class Neumann(Optimizer):
 
     def _update(
         self,
-        group: dict[str, Any],
+        gi: int,
         phase: Phase,
         mu: float,
         params: list[Tensor],
@@ -348,13 +360,19 @@ class Neumann(Optimizer):
         ms: list[Tensor],
         vs: list[Tensor],
     ) -> None:
+        group = self.param_groups[gi]
         lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
+        fused = self._use_fused(group, lw)
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(p.device.type != "cpu" for p in lw)
         coef = None
         if phase is Phase.NEUMANN:
-            sq = F.squared_distance(lw, lv, foreach)
+            if fused:
+                cached = self._norm_cache.get(gi)
+                sq = cached[0] if cached and cached[1] == _signature(params, vs) else F.fused_squared_distance(lw, lv)
+            else:
+                sq = F.squared_distance(lw, lv, foreach)
             sq = all_reduce_squared_norm(sq, params)
             n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
             scale = 1.0
@@ -363,20 +381,45 @@ class Neumann(Optimizer):
             coef = F.regularizer_coefficient(
                 sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
             )
-        lr = group["lr"]
-        F.neumann_update(
-            lw,
-            lg,
-            lm,
-            lv,
+        kwargs = dict(
             phase=phase,
-            lr=float(lr),
+            lr=float(group["lr"]),
             momentum=mu,
             coef=coef,
             ema_decay=group["ema_decay"],
             weight_decay=group["weight_decay"],
-            foreach=foreach,
         )
+        if fused:
+            try:
+                next_sq = F.fused_neumann_update(lw, lg, lm, lv, **kwargs)
+            except Exception as exc:  # compilation unavailable: fall back for good, loudly
+                self._fused_failed = True
+                warnings.warn(
+                    f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
+                    "falling back to the multi-tensor path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            else:
+                if phase is Phase.BURN_IN:
+                    self._norm_cache.pop(gi, None)
+                else:
+                    self._norm_cache[gi] = (next_sq, _signature(params, vs), params, vs)
+                return
+        self._norm_cache.pop(gi, None)
+        F.neumann_update(lw, lg, lm, lv, foreach=foreach or fused, **kwargs)
+
+    def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
+        fused = group["fused"]
+        if fused is None:
+            fused = _default_fused(lw)
+        if not fused or self._fused_failed:
+            return False
+        if len({(t.device, t.dtype) for t in lw}) != 1 or not lw[0].is_floating_point():
+            if group["fused"]:
+                raise RuntimeError("Neumann(fused=True) needs the parameters of a group on one device, in one dtype")
+            return False
+        return True
 
     # ------------------------------------------------------------------ evaluation weights
     @torch.no_grad()
@@ -414,6 +457,9 @@ class Neumann(Optimizer):
                 if state and "train_param" in state:
                     p.copy_(state.pop("train_param"))
             group["train_mode"] = True
+        # the training weights are back bit for bit: the fused path's cached norm still holds
+        for gi, (sq, _, ps, vs) in list(self._norm_cache.items()):
+            self._norm_cache[gi] = (sq, _signature(ps, vs), ps, vs)
 
     @torch.no_grad()
     def evaluation_weights(self) -> dict[Tensor, Tensor]:
@@ -447,6 +493,7 @@ class Neumann(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking that it is a Neumann state of the same model."""
         self._check_state_dict(state_dict)
+        self._norm_cache.clear()
         super().load_state_dict(state_dict)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -494,6 +541,20 @@ def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tens
 
     params = [p for _, _, ps, _ in gathered for p in ps]
     return all_ranks_true(finite, params)
+
+
+def _signature(params: list[Tensor], vs: list[Tensor]) -> tuple[int, ...]:
+    """What a cached norm was computed on: which parameters and v tensors, and their versions.
+
+    Any in-place change of a parameter outside the optimizer bumps its version counter and so
+    invalidates the cache (the norm is then recomputed in a separate pass).
+    """
+    return tuple(id(p) for p in params) + tuple(local_tensor(p)._version for p in params) + tuple(id(v) for v in vs)
+
+
+def _default_fused(lw: list[Tensor]) -> bool:
+    """Where ``fused=None`` uses the compiled path (decided by benchmarks/step_time.py)."""
+    return False
 
 
 def _real(t: Tensor) -> Tensor:

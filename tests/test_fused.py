@@ -1,0 +1,95 @@
+"""The fused (torch.compile) path against the for-loop path: values, not timings."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import ElementwiseProblem
+
+from neumann_optimizer import Neumann
+from neumann_optimizer import functional as F
+
+pytestmark = pytest.mark.slow
+HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
+
+
+def _run(fused: bool, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0):
+    problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0, dtype=dtype)
+    opt = Neumann(
+        [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
+        fused=fused,
+        foreach=None if fused else False,
+        weight_decay=wd,
+        **HP,
+    )
+    for i in range(1, steps + 1):
+        problem.set_grads()
+        opt.step()
+        if i == eval_at:
+            opt.eval()
+            opt.train()
+        if i == poke_at:  # an in-place change of the weights outside the optimizer
+            with torch.no_grad():
+                problem.params[0][0].mul_(1.01)
+    return problem, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["plain", "eval_train", "poked", "weight_decay"])
+def test_fused_matches_for_loop(dtype, case):
+    kw = {"plain": {}, "eval_train": {"eval_at": 7}, "poked": {"poke_at": 8}, "weight_decay": {"wd": 0.01}}[case]
+    (pa, oa), (pb, ob) = _run(False, dtype, **kw), _run(True, dtype, **kw)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for ga, gb in zip(pa.params, pb.params, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(oa.state[a]["m"], ob.state[b]["m"], **tol)
+            torch.testing.assert_close(oa.state[a]["v"], ob.state[b]["v"], **tol)
+    assert not ob._fused_failed
+
+
+def test_fused_cache_is_used_and_invalidated():
+    problem, opt = _run(True, torch.float64, steps=8)
+    assert 0 in opt._norm_cache and 1 in opt._norm_cache
+    sq, sig, ps, vs = opt._norm_cache[0]
+    expected = sum(float(((p - opt.state[p]["v"]) ** 2).sum()) for p in problem.params[0])
+    assert float(sq) == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        problem.params[0][1].add_(1.0)
+    from neumann_optimizer.optimizer import _signature
+
+    assert _signature(ps, vs) != sig  # the cache would not be used
+
+
+def test_fused_resume_is_identical(tmp_path):
+    full_problem, full = _run(True, torch.float64, steps=12)
+    problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0)
+    opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], fused=True, **HP)
+    for _ in range(7):
+        problem.set_grads()
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt2 = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], fused=True, **HP)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for _ in range(5):
+        problem.set_grads()
+        opt2.step()
+    for ga, gb in zip(full_problem.params, problem.params, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_fused_falls_back_when_compilation_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(F, "fused_neumann_update", broken)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        pb, ob = _run(True, torch.float64, steps=6)
+    assert ob._fused_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pb.set_grads()
+        ob.step()  # no second warning
