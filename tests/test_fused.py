@@ -79,6 +79,7 @@ def test_fused_resume_is_identical(tmp_path):
     for ga, gb in zip(full_problem.params, problem.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+            torch.testing.assert_close(full.state[a]["m"], opt2.state[b]["m"], rtol=1e-13, atol=1e-14)
 
 
 def test_fused_falls_back_when_compilation_fails(monkeypatch):
