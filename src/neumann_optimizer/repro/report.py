@@ -122,4 +122,7 @@ def write_report(out: Path, report: Path, settings: Settings) -> None:
             shutil.copyfile(png, dest)
             lines += [f"![{study}]({img.name}/{dest.name})", ""]
         lines += [f"**Verdict (rule-based):** {verdict(study, res)}", ""]
+    notes = report.parent / "reproduction_notes.md"
+    if notes.exists():  # the hand-written discussion of the measured numbers
+        lines += [notes.read_text().strip(), ""]
     report.write_text("\n".join(lines))

@@ -56,6 +56,26 @@ def write(study_dir: Path, results: list[dict[str, Any]], table: str, extra: dic
     (study_dir / "table.md").write_text(table)
 
 
+def finish(
+    runner: Runner,
+    study: str,
+    fig: Any,
+    png: str,
+    lines: list[str],
+    results: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> str:
+    """Save the study's figure, table and results; return the table."""
+    study_dir = runner.out / study
+    study_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(study_dir / png, dpi=110)
+    _plt().close(fig)
+    table = "\n".join(lines) + "\n"
+    write(study_dir, results, table, {"summary": summary})
+    return table
+
+
 def _plt():  # type: ignore[no-untyped-def]
     import matplotlib
 
@@ -98,12 +118,15 @@ def compare(runner: Runner, s: Settings) -> str:
         target = min(rows[o]["final"][0] for o in ("sgd", "adam", "rmsprop"))
         lines += [
             f"\n## {model}\n",
-            "| optimizer | tuned lr | final test error % | epochs to target |",
-            "|---|---|---|---|",
+            "| optimizer | tuned lr | final test error % | epochs to target | s per run |",
+            "|---|---|---|---|---|",
         ]
         for opt, row in rows.items():
             e = epochs_to_reach(row["curve"], target)
-            lines.append(f"| {LABELS[opt]} | {row['lr']:g} | {fmt(*row['final'])} | {e if e else '—'} / {epochs} |")
+            secs = mean_std(r["seconds"] for r in row["runs"])[0]
+            lines.append(
+                f"| {LABELS[opt]} | {row['lr']:g} | {fmt(*row['final'])} | {e if e else '—'} / {epochs} | {secs:.1f} |"
+            )
             ax.plot(range(1, len(row["curve"]) + 1), row["curve"], label=f"{LABELS[opt]} (lr {row['lr']:g})")
             summary[f"{model}/{opt}"] = dict(
                 lr=row["lr"], final_mean=row["final"][0], final_std=row["final"][1], epochs_to_target=e
@@ -113,14 +136,7 @@ def compare(runner: Runner, s: Settings) -> str:
         ax.set(title=f"compare: {model} on MNIST-1D 4k", xlabel="epoch", ylabel="test error (%)")
         ax.set_ylim(0, min(100, 2.5 * max(target, 5)))
         ax.legend()
-    fig.tight_layout()
-    study_dir = runner.out / "compare"
-    study_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(study_dir / "test_error.png", dpi=110)
-    plt.close(fig)
-    table = "\n".join(lines)
-    write(study_dir, results, table, {"summary": summary})
-    return table
+    return finish(runner, "compare", fig, "test_error.png", lines, results, summary)
 
 
 # ---------------------------------------------------------------- batch scaling (Table 3)
@@ -193,14 +209,7 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
         ax.plot(xs, ys, marker="o", label=name)
     ax.set(xscale="log", xlabel="batch size", ylabel="final test error (%), tuned lr", title=f"batch scaling, {task}")
     ax.legend()
-    fig.tight_layout()
-    study_dir = runner.out / "batch-scaling"
-    study_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(study_dir / "batch_scaling.png", dpi=110)
-    plt.close(fig)
-    table = "\n".join(lines) + "\n"
-    write(study_dir, results, table, {"summary": summary})
-    return table
+    return finish(runner, "batch-scaling", fig, "batch_scaling.png", lines, results, summary)
 
 
 # ---------------------------------------------------------------- ablation (Table 4)
@@ -280,14 +289,7 @@ def ablation(runner: Runner, s: Settings) -> str:
             ax.plot(range(1, len(curve) + 1), curve, label=name)
         ax.set(title=f"ablation: {model}", xlabel="epoch", ylabel="test error (%)", ylim=(0, 100))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    study_dir = runner.out / "ablation"
-    study_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(study_dir / "ablation.png", dpi=110)
-    plt.close(fig)
-    table = "\n".join(lines) + "\n"
-    write(study_dir, results, table, {"summary": summary})
-    return table
+    return finish(runner, "ablation", fig, "ablation.png", lines, results, summary)
 
 
 def _fractions(runs: list[dict[str, Any]]) -> str:
