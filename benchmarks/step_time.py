@@ -86,10 +86,12 @@ def bandwidth(device: str, n: int = 64 * 2**20, reps: int = 10) -> float:
     return 3 * 4 * n / statistics.median(times) / 1e9
 
 
-def bench_size(total: int, device: str, rounds: int, steps: int) -> None:
+def bench_size(total: int, device: str, rounds: int, steps: int, only: list[str] | None = None) -> None:
     params = transformer_like(total, device=device)
     n = sum(p.numel() for p in params)
     impls = make_optimizers(params, device)
+    if only:
+        impls = {k: f for k, f in impls.items() if k == "Adam(fused=True)" or any(o in k for o in only)}
     opts: dict[str, torch.optim.Optimizer] = {}
     first: dict[str, float] = {}
     state_bytes: dict[str, float] = {}
@@ -148,10 +150,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of the implementations to time")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for size in args.sizes:
-        bench_size(int(size * 1e6), args.device, args.rounds, args.steps)
+        bench_size(int(size * 1e6), args.device, args.rounds, args.steps, args.only)
 
 
 if __name__ == "__main__":

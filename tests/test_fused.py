@@ -50,19 +50,6 @@ def test_fused_matches_for_loop(dtype, case):
     assert not ob._fused_failed
 
 
-def test_fused_cache_is_used_and_invalidated():
-    problem, opt = _run(True, torch.float64, steps=8)
-    assert 0 in opt._norm_cache and 1 in opt._norm_cache
-    sq, sig, ps, vs = opt._norm_cache[0]
-    expected = sum(float(((p - opt.state[p]["v"]) ** 2).sum()) for p in problem.params[0])
-    assert float(sq) == pytest.approx(expected, rel=1e-6)
-    with torch.no_grad():
-        problem.params[0][1].add_(1.0)
-    from neumann_optimizer.optimizer import _signature
-
-    assert _signature(ps, vs) != sig  # the cache would not be used
-
-
 def test_fused_resume_is_identical(tmp_path):
     full_problem, full = _run(True, torch.float64, steps=12)
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0)

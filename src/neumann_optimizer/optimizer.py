@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from ._distributed import all_reduce_squared_norm, local_tensor
+from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
 from .schedule import Phase, next_reset_interval, plan_step
 
 __all__ = ["Neumann"]
@@ -141,10 +141,11 @@ class Neumann(Optimizer):
             ``"ignore"`` does no check (fastest, no host synchronisation).
         foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
             all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
-        fused: one ``torch.compile``d pass per step that also computes the next step's
-            ``||w - v||`` (no separate pass over ``w`` and ``v``). Compiles on the first step of
-            each phase; falls back to the multi-tensor path with a warning where compilation
-            fails. ``None`` uses it where ``benchmarks/step_time.py`` showed it faster.
+        fused: one ``torch.compile``d graph per step: the group norm (one read of ``w`` and
+            ``v``) and the update (each tensor read and written once). Compiles on the first step
+            of each phase (tens of seconds on CPU for a 100-tensor model, cached on disk after
+            that); falls back to the multi-tensor path with a warning where compilation fails.
+            ``None``: on for CPU groups of at least 2^20 scalars, where it measured faster.
     """
 
     def __init__(
@@ -198,14 +199,15 @@ class Neumann(Optimizer):
             fused=fused,
         )
         _validate_group(dict(defaults))
-        # fused path: per group index, (sum ||w - v||^2 after the last step, what it was computed on)
-        self._norm_cache: dict[int, tuple[Tensor, tuple[int, ...], list[Tensor], list[Tensor]]] = {}
-        self._fused_failed = False
+        self._fused_failed = False  # set when torch.compile failed: the fused path is off for good
+        self._plain: dict[int, bool] = {}  # per group index: all parameters plain real tensors
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        if hasattr(self, "_plain"):
+            self._plain.pop(len(self.param_groups) - 1, None)
         group = self.param_groups[-1]
         _validate_group(group)
         for key, default in _COUNTERS.items():
@@ -219,7 +221,7 @@ class Neumann(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_norm_cache", {})
+        self.__dict__.setdefault("_plain", {})
         self.__dict__.setdefault("_fused_failed", False)
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
@@ -361,53 +363,68 @@ class Neumann(Optimizer):
         vs: list[Tensor],
     ) -> None:
         group = self.param_groups[gi]
-        lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
+        plain = self._plain.get(gi)
+        if plain is None:  # once per group: no DTensor, no complex -> no per-step conversions
+            plain = self._plain[gi] = not any(is_dtensor(p) or p.is_complex() for p in group["params"])
+        if plain:
+            lw, lg, lm, lv = params, grads, ms, vs
+        else:
+            lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
         fused = self._use_fused(group, lw)
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(p.device.type != "cpu" for p in lw)
-        coef = None
+        alpha, beta = 0.0, 0.0
         if phase is Phase.NEUMANN:
-            if fused:
-                cached = self._norm_cache.get(gi)
-                sq = cached[0] if cached and cached[1] == _signature(params, vs) else F.fused_squared_distance(lw, lv)
-            else:
-                sq = F.squared_distance(lw, lv, foreach)
-            sq = all_reduce_squared_norm(sq, params)
             n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
             scale = 1.0
             if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
                 scale = float(group["lr"]) / group["reference_lr"]
-            coef = F.regularizer_coefficient(
-                sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
-            )
+            alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
         kwargs = dict(
             phase=phase,
             lr=float(group["lr"]),
             momentum=mu,
-            coef=coef,
             ema_decay=group["ema_decay"],
             weight_decay=group["weight_decay"],
         )
         if fused:
             try:
-                next_sq = F.fused_neumann_update(lw, lg, lm, lv, **kwargs)
-            except Exception as exc:  # compilation unavailable: fall back for good, loudly
-                self._fused_failed = True
-                warnings.warn(
-                    f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
-                    "falling back to the multi-tensor path",
-                    RuntimeWarning,
-                    stacklevel=4,
+                coef = None  # the compiled graph reduces the norm itself ...
+                if phase is Phase.NEUMANN and not plain:  # ... unless shards must be summed first
+                    sq = all_reduce_squared_norm(F.fused_squared_distance(lw, lv), params)
+                    coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
+                # detached aliases of the parameters (same storage): the compiled graph then
+                # needs no autograd bookkeeping for inputs that require grad
+                F.fused_neumann_update(
+                    [w.detach() for w in lw],
+                    lg,
+                    lm,
+                    lv,
+                    coef=coef,
+                    cubic_weight=alpha,
+                    repulsive_weight_total=beta,
+                    **kwargs,
                 )
-            else:
-                if phase is Phase.BURN_IN:
-                    self._norm_cache.pop(gi, None)
-                else:
-                    self._norm_cache[gi] = (next_sq, _signature(params, vs), params, vs)
                 return
-        self._norm_cache.pop(gi, None)
-        F.neumann_update(lw, lg, lm, lv, foreach=foreach or fused, **kwargs)
+            except Exception as exc:  # compilation unavailable: fall back for good, loudly
+                self._fused_fallback(exc)
+            foreach = True
+        coef = None
+        if phase is Phase.NEUMANN:
+            sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
+            coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
+        F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, **kwargs)
+
+    def _fused_fallback(self, exc: Exception) -> bool:
+        self._fused_failed = True
+        warnings.warn(
+            f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
+            "falling back to the multi-tensor path",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return False
 
     def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
         fused = group["fused"]
@@ -457,9 +474,6 @@ class Neumann(Optimizer):
                 if state and "train_param" in state:
                     p.copy_(state.pop("train_param"))
             group["train_mode"] = True
-        # the training weights are back bit for bit: the fused path's cached norm still holds
-        for gi, (sq, _, ps, vs) in list(self._norm_cache.items()):
-            self._norm_cache[gi] = (sq, _signature(ps, vs), ps, vs)
 
     @torch.no_grad()
     def evaluation_weights(self) -> dict[Tensor, Tensor]:
@@ -493,7 +507,6 @@ class Neumann(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking that it is a Neumann state of the same model."""
         self._check_state_dict(state_dict)
-        self._norm_cache.clear()
         super().load_state_dict(state_dict)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -543,18 +556,19 @@ def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tens
     return all_ranks_true(finite, params)
 
 
-def _signature(params: list[Tensor], vs: list[Tensor]) -> tuple[int, ...]:
-    """What a cached norm was computed on: which parameters and v tensors, and their versions.
-
-    Any in-place change of a parameter outside the optimizer bumps its version counter and so
-    invalidates the cache (the norm is then recomputed in a separate pass).
-    """
-    return tuple(id(p) for p in params) + tuple(local_tensor(p)._version for p in params) + tuple(id(v) for v in vs)
+FUSED_DEFAULT_MIN_NUMEL = 2**20
 
 
 def _default_fused(lw: list[Tensor]) -> bool:
-    """Where ``fused=None`` uses the compiled path (decided by benchmarks/step_time.py)."""
-    return False
+    """Where ``fused=None`` uses the compiled path: CPU groups of at least 2^20 scalars.
+
+    There ``benchmarks/step_time.py`` measured it 1.5-2x faster than the for-loop path (the
+    torch.optim default on CPU), and the one-off compilation (tens of seconds, cached on disk)
+    is small against a run long enough to matter. Small models keep the for-loop path and start
+    at once. On accelerators it has not been measured yet, so the default stays the multi-tensor
+    path there, as in torch.optim.
+    """
+    return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
 
 
 def _real(t: Tensor) -> Tensor:
