@@ -71,7 +71,8 @@ def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
         else:
             wrapped = _shard(model, mesh)
             params = list(model.parameters())
-        opt = Neumann(params, **HP)
+        fused = engine.endswith("fused")
+        opt = Neumann(params, fused=fused, **HP)
         max_dev = 0.0
         ckpt = None
         for i, (x, y) in enumerate(data, start=1):
@@ -80,7 +81,7 @@ def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
             for p, c in zip(params, control.parameters(), strict=True):
                 max_dev = max(max_dev, float((_full(p.detach()) - c.detach()).abs().max()))
                 max_dev = max(max_dev, float((_full(opt.state[p]["v"]) - copt.state[c]["v"]).abs().max()))
-            if i == CUT and engine == "fsdp2":
+            if i == CUT and engine.startswith("fsdp2"):
                 ckpt = os.path.join(out_dir, "ckpt")
                 _save(wrapped, opt, ckpt)
         # evaluation weights, and the bit-exact way back
@@ -98,11 +99,12 @@ def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
             max_dev=max_dev,
             eval_dev=eval_dev,
             restored=restored,
+            fused_failed=opt._fused_failed,
             resets=opt.param_groups[0]["next_reset"],
             step=opt.param_groups[0]["step"],
         )
-        if engine == "fsdp2":
-            result.update(_resume_and_nonfinite(rank, mesh, data, ckpt, params, opt))
+        if engine.startswith("fsdp2"):
+            result.update(_resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused))
         if rank == 0:
             Path(out_dir, "result.json").write_text(json.dumps(result))
         dist.barrier()
@@ -121,7 +123,7 @@ def _save(model, opt, path):
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
 
-def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt) -> dict:
+def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -129,7 +131,7 @@ def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt) -> dict:
     with torch.no_grad():  # start from other weights: the checkpoint must overwrite them
         for p in model2.parameters():
             p.add_(1.0)
-    opt2 = Neumann(model2.parameters(), **{**HP, "reset_steps": 50})
+    opt2 = Neumann(model2.parameters(), fused=fused, **{**HP, "reset_steps": 50})
     _step(model2, opt2, *data[0], rank)  # create state to be overwritten
     msd, osd = get_state_dict(model2, opt2)
     state = {"model": msd, "optim": osd}
@@ -168,7 +170,7 @@ def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-fused"])
 def test_matches_single_process_full_batch(engine, capsys):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
@@ -183,7 +185,8 @@ def test_matches_single_process_full_batch(engine, capsys):
     assert result["max_dev"] < 1e-12
     assert result["eval_dev"] < 1e-12
     assert result["restored"]
-    if engine == "fsdp2":
+    if engine.startswith("fsdp2"):
+        assert not engine.endswith("fused") or not result["fused_failed"]
         assert result["resumed_equal"], "DCP save/load under FSDP2 did not resume bit for bit"
         assert result["skipped_everywhere"] and result["skipped"] == 1
 
