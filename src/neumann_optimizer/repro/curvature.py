@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -13,7 +14,7 @@ from ..diagnostics import hessian_eigenvalues
 from ..optimizer import Neumann
 from .runner import Runner
 from .studies import Settings, _plt
-from .train import lr_factor
+from .train import _batch_loss, lr_factor
 
 
 def curvature(runner: Runner, s: Settings) -> str:
@@ -44,20 +45,25 @@ def curvature(runner: Runner, s: Settings) -> str:
         f"{cfg['task']}, CNN with BatchNorm, Neumann lr {cfg['lr']} (cosine), batch 128, {epochs} epochs; "
         f"{per_epoch} estimates per epoch on the current mini-batch, 10 Lanczos iterations each "
         f"(lambda_min: the smaller of the plain and the shifted estimate). {seconds:.0f} s in all.\n",
+        "Per epoch: the mean of that epoch's estimates (all of them are in results.json and the plot).\n",
         "| epoch | lambda_min | lambda_max | lambda_max / (abs(lambda_min) + lambda_max) |",
         "|---|---|---|---|",
     ]
+    by_epoch: dict[int, list[dict[str, float]]] = {}
     for p in points:
-        lines.append(
-            f"| {p['epoch']:.2f} | {p['lambda_min']:.4g} | {p['lambda_max']:.4g} | "
-            f"{p['lambda_max'] / (abs(p['lambda_min']) + p['lambda_max']):.3f} |"
-        )
+        by_epoch.setdefault(int(p["epoch"]), []).append(p)
+    for e, ps in sorted(by_epoch.items()):
+        lo = sum(p["lambda_min"] for p in ps) / len(ps)
+        hi = sum(p["lambda_max"] for p in ps) / len(ps)
+        lines.append(f"| {e + 1} | {lo:.3g} | {hi:.3g} | {hi / (abs(lo) + hi):.3f} |")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ep = [p["epoch"] for p in points]
     axes[0].plot(ep, [p["lambda_max"] for p in points], marker=".")
+    axes[0].set_yscale("log")
     axes[0].set(title="lambda_max of the mini-batch Hessian", xlabel="epoch")
     axes[1].plot(ep, [p["lambda_min"] for p in points], marker=".", color="C3")
+    axes[1].set_yscale("symlog", linthresh=0.01)
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set(title="lambda_min of the mini-batch Hessian", xlabel="epoch")
     fig.tight_layout()
@@ -92,7 +98,7 @@ def _trace(runner: Runner, cfg: dict[str, Any]) -> tuple[list[dict[str, float]],
             idx = perm[k * b : (k + 1) * b]
             if step % every == 0:
                 spec = hessian_eigenvalues(
-                    lambda idx=idx: nn.functional.cross_entropy(model(x[idx]), y[idx]),
+                    functools.partial(_batch_loss, model, x[idx], y[idx]),
                     list(model.parameters()),
                     cfg["lanczos_iterations"],
                     min_via_shift=True,

@@ -76,7 +76,7 @@ def finish(
     return table
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +109,7 @@ def compare(runner: Runner, s: Settings) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for opt in optimizers:
             runs = [r for r in results if r["config"]["model"] == model and r["config"]["optimizer"] == opt]
             lr = tune_lr(runs)
@@ -152,7 +152,7 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
     # Neumann's own warmup: 5 epochs of burn-in, then its momentum ramps from 0.5 (epoch 6) to 0.75
     # (epoch 8); 'long' SGD warms up for those 8 epochs (capped at 2/3 of a short budget).
     long_warmup = min(8, (2 * epochs) // 3)
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "neumann": dict(optimizer="neumann"),
         "sgd-goyal": dict(optimizer="sgd", warmup_epochs=5),
         f"sgd-long{long_warmup}": dict(optimizer="sgd", warmup_epochs=long_warmup),
@@ -213,7 +213,7 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
 
 
 # ---------------------------------------------------------------- ablation (Table 4)
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "default (Table 1)": {},
     "no regularizers": dict(cubic_weight=0.0, repulsive_weight=0.0),
     "no burn-in": dict(burn_in_epochs=0),
@@ -264,7 +264,9 @@ def ablation(runner: Runner, s: Settings) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        rows = [(name, dict(optimizer="neumann", **v)) for name, v in ABLATIONS.items()]
+        rows: list[tuple[str, dict[str, Any]]] = [
+            (name, dict(optimizer="neumann", **v)) for name, v in ABLATIONS.items()
+        ]
         rows.append(("SGD+Nesterov (same lr)", dict(optimizer="sgd")))
         for name, v in rows:
             runs = [
@@ -287,7 +289,13 @@ def ablation(runner: Runner, s: Settings) -> str:
             )
             summary[f"{model}/{name}"] = dict(final=fin[0], best=best, diverged=div)
             ax.plot(range(1, len(curve) + 1), curve, label=name)
-        ax.set(title=f"ablation: {model}", xlabel="epoch", ylabel="test error (%)", ylim=(0, 100))
+        finals = [v["final"] for k, v in summary.items() if k.startswith(f"{model}/")]
+        ax.set(
+            title=f"ablation: {model}",
+            xlabel="epoch",
+            ylabel="test error (%)",
+            ylim=(0, min(100, 2.5 * max(finals, default=40))),
+        )
         ax.legend(fontsize=7)
     return finish(runner, "ablation", fig, "ablation.png", lines, results, summary)
 
@@ -330,10 +338,11 @@ def seeds(runner: Runner, s: Settings) -> str:
         "| optimizer | final test errors % | mean ± std | min | max |",
         "|---|---|---|---|---|",
     ]
-    for opt, group in by(results, "optimizer").items():
+    for key, group in by(results, "optimizer").items():
+        opt = str(key[0])
         vals = [final(r) for r in sorted(group, key=lambda r: r["config"]["seed"])]
         lines.append(
-            f"| {LABELS[opt[0]]} | {', '.join(f'{v:.2f}' for v in vals)} | {fmt(*mean_std(vals))} | "
+            f"| {LABELS[opt]} | {', '.join(f'{v:.2f}' for v in vals)} | {fmt(*mean_std(vals))} | "
             f"{min(vals):.2f} | {max(vals):.2f} |"
         )
     table = "\n".join(lines) + "\n"

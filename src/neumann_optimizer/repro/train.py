@@ -14,6 +14,7 @@ BatchNorm statistics recomputed for those weights (``torch.optim.swa_utils.updat
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from typing import Any
@@ -101,6 +102,10 @@ class _RegularizerMonitor:
         return frac([w for _, w in self.wins]), frac(last)
 
 
+def _batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
 def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
     """Train one config; return the config, per-epoch metrics and a divergence flag."""
     torch.manual_seed(cfg["seed"])
@@ -133,7 +138,7 @@ def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, A
         for k in range(steps_per_epoch):
             idx = perm[k * batch : (k + 1) * batch]
             if adaptive is not None and opt.param_groups[0]["step"] >= opt.param_groups[0]["burn_in_steps"]:
-                adaptive.update(lambda idx=idx: nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]))
+                adaptive.update(functools.partial(_batch_loss, model, x_train[idx], y_train[idx]))
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
