@@ -81,3 +81,12 @@ def test_fused_falls_back_when_compilation_fails(monkeypatch):
         warnings.simplefilter("error")
         pb.set_grads()
         ob.step()  # no second warning
+
+
+def test_default_path_choice():
+    from neumann_optimizer.optimizer import FUSED_DEFAULT_MIN_NUMEL, _default_fused
+
+    assert _default_fused([torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2), torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2)])
+    assert not _default_fused([torch.zeros(1000)])  # small models start at once, no compile
+    opt = Neumann([torch.nn.Parameter(torch.zeros(10))], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"})
+    assert not opt._use_fused(opt.param_groups[0], opt.param_groups[0]["params"])
