@@ -115,7 +115,7 @@ def write_report(out: Path, report: Path, settings: Settings) -> None:
         if res is None:
             lines += ["Not run yet.", ""]
             continue
-        table = (out / study / "table.md").read_text().split("\n", 1)[1].strip()
+        table = (out / study / "table.md").read_text().split("\n", 1)[1].strip().replace("## ", "### ")
         lines += [table, ""]
         for png in sorted((out / study).glob("*.png")):
             dest = img / f"{study}-{png.name}"
