@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
+from ._distributed import all_ranks_true, all_reduce_squared_norm, is_dtensor, local_tensor
 from .schedule import Phase, next_reset_interval, plan_step
 
 __all__ = ["Neumann"]
@@ -374,13 +374,7 @@ class Neumann(Optimizer):
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(p.device.type != "cpu" for p in lw)
-        alpha, beta = 0.0, 0.0
-        if phase is Phase.NEUMANN:
-            n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
-            scale = 1.0
-            if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
-                scale = float(group["lr"]) / group["reference_lr"]
-            alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
+        alpha, beta = regularizer_weights(group) if phase is Phase.NEUMANN else (0.0, 0.0)
         kwargs = dict(
             phase=phase,
             lr=float(group["lr"]),
@@ -416,7 +410,7 @@ class Neumann(Optimizer):
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
         F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, **kwargs)
 
-    def _fused_fallback(self, exc: Exception) -> bool:
+    def _fused_fallback(self, exc: Exception) -> None:
         self._fused_failed = True
         warnings.warn(
             f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
@@ -424,7 +418,6 @@ class Neumann(Optimizer):
             RuntimeWarning,
             stacklevel=5,
         )
-        return False
 
     def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
         fused = group["fused"]
@@ -548,10 +541,18 @@ class Neumann(Optimizer):
                     )
 
 
+def regularizer_weights(group: dict[str, Any]) -> tuple[float, float]:
+    """``(alpha, beta)`` of a group's next regularized step: ``beta = repulsive_weight * n``, both
+    scaled by ``lr / reference_lr`` under ``regularizer_schedule="lr"``."""
+    n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
+    scale = 1.0
+    if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
+        scale = float(group["lr"]) / group["reference_lr"]
+    return scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
+
+
 def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
     """Agree across ranks on skipping (a sharded gradient may be non-finite on one rank only)."""
-    from ._distributed import all_ranks_true
-
     params = [p for _, _, ps, _ in gathered for p in ps]
     return all_ranks_true(finite, params)
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import Neumann
+from ..optimizer import Neumann, regularizer_weights
+from ..schedule import Phase, plan_step
 from .tasks import Dataset, has_batchnorm, make_model
 
 OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "rmsprop")
@@ -81,18 +82,14 @@ class _RegularizerMonitor:
     def observe(self, opt: Neumann) -> None:
         group = opt.param_groups[0]
         s = group["step"] + 1
-        t = s - group["burn_in_steps"]
-        if t <= 0 or t == group["next_reset"]:
+        if plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group).phase is not Phase.NEUMANN:
             return
         ps = [p for p in group["params"] if p.grad is not None and p in opt.state]
         if not ps:
             return
         r2 = sum(float((p - opt.state[p]["v"]).pow(2).sum()) for p in ps)
         g = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps))
-        n = sum(p.numel() for p in group["params"])
-        beta = group["repulsive_weight"] * n
-        if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
-            beta *= group["lr"] / group["reference_lr"]
+        _, beta = regularizer_weights(group)
         self.wins.append((s, r2 > 0 and beta / r2 > g))
 
     def fractions(self, total_steps: int) -> tuple[float, float]:
