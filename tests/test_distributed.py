@@ -58,6 +58,8 @@ def _step(model, opt, x, y, rank):
 
 
 def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
+    if engine.endswith("compiled"):  # the torch.compile'd graph instead of the CPU kernel
+        os.environ["NEUMANN_OPTIMIZER_NATIVE"] = "0"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         data = _data()
@@ -71,7 +73,7 @@ def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
         else:
             wrapped = _shard(model, mesh)
             params = list(model.parameters())
-        fused = engine.endswith("fused")
+        fused = engine.endswith(("fused", "compiled"))
         opt = Neumann(params, fused=fused, **HP)
         max_dev = 0.0
         ckpt = None
@@ -100,6 +102,7 @@ def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
             eval_dev=eval_dev,
             restored=restored,
             fused_failed=opt._fused_failed,
+            native=bool(opt._carried),
             resets=opt.param_groups[0]["next_reset"],
             step=opt.param_groups[0]["step"],
         )
@@ -170,7 +173,7 @@ def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-fused"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-fused", "fsdp2-compiled"])
 def test_matches_single_process_full_batch(engine, capsys):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
@@ -186,7 +189,8 @@ def test_matches_single_process_full_batch(engine, capsys):
     assert result["eval_dev"] < 1e-12
     assert result["restored"]
     if engine.startswith("fsdp2"):
-        assert not engine.endswith("fused") or not result["fused_failed"]
+        assert not result["fused_failed"]
+        assert result["native"] == engine.endswith("fused")  # the CPU kernel on the local shards
         assert result["resumed_equal"], "DCP save/load under FSDP2 did not resume bit for bit"
         assert result["skipped_everywhere"] and result["skipped"] == 1
 

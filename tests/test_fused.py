@@ -1,4 +1,5 @@
-"""The fused (torch.compile) path against the for-loop path: values, not timings."""
+"""The fused paths (the CPU kernel and the torch.compile'd graph) against the for-loop path:
+values, not timings."""
 
 from __future__ import annotations
 
@@ -8,24 +9,36 @@ import pytest
 import torch
 from conftest import ElementwiseProblem
 
-from neumann_optimizer import Neumann
+from neumann_optimizer import Neumann, _native
 from neumann_optimizer import functional as F
+from neumann_optimizer import optimizer as optimizer_module
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
+PATHS = ["native", "compiled"]
 
 
-def _run(fused: bool, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0):
+def _select(monkeypatch, path: str) -> None:
+    """``compiled``: the torch.compile'd graph, as where the CPU kernel is unavailable."""
+    if path == "native":
+        assert _native.available(), _native.unavailable_reason()
+    else:
+        monkeypatch.setattr(optimizer_module, "_native_ok", lambda *lists: False)
+
+
+def _run(fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0, idle_at=None):
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0, dtype=dtype)
     opt = Neumann(
         [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
         fused=fused,
-        foreach=None if fused else False,
+        foreach=None if fused is not False else False,
         weight_decay=wd,
         **HP,
     )
     for i in range(1, steps + 1):
         problem.set_grads()
+        if i == idle_at:  # one parameter without a gradient on this step
+            problem.params[0][1].grad = None
         opt.step()
         if i == eval_at:
             opt.eval()
@@ -36,11 +49,19 @@ def _run(fused: bool, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0):
     return problem, opt
 
 
+CASES = {"plain": {}, "eval_train": {"eval_at": 7}, "poked": {"poke_at": 8}, "weight_decay": {"wd": 0.01}}
+CASES["no_grad_once"] = {"idle_at": 9}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["plain", "eval_train", "poked", "weight_decay"])
-def test_fused_matches_for_loop(dtype, case):
-    kw = {"plain": {}, "eval_train": {"eval_at": 7}, "poked": {"poke_at": 8}, "weight_decay": {"wd": 0.01}}[case]
-    (pa, oa), (pb, ob) = _run(False, dtype, **kw), _run(True, dtype, **kw)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_for_loop(path, dtype, case, monkeypatch):
+    kw = CASES[case]
+    pa, oa = _run(False, dtype, **kw)
+    _select(monkeypatch, path)
+    pb, ob = _run(True, dtype, **kw)
+    assert bool(ob._carried) == (path == "native")  # the kernel ran (or did not)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     for ga, gb in zip(pa.params, pb.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
@@ -50,7 +71,9 @@ def test_fused_matches_for_loop(dtype, case):
     assert not ob._fused_failed
 
 
-def test_fused_resume_is_identical(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_resume_is_identical(path, tmp_path, monkeypatch):
+    _select(monkeypatch, path)
     full_problem, full = _run(True, torch.float64, steps=12)
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0)
     opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], fused=True, **HP)
@@ -73,6 +96,7 @@ def test_fused_falls_back_when_compilation_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
+    _select(monkeypatch, "compiled")
     monkeypatch.setattr(F, "fused_neumann_update", broken)
     with pytest.warns(RuntimeWarning, match="falling back"):
         pb, ob = _run(True, torch.float64, steps=6)
@@ -86,7 +110,77 @@ def test_fused_falls_back_when_compilation_fails(monkeypatch):
 def test_default_path_choice():
     from neumann_optimizer.optimizer import FUSED_DEFAULT_MIN_NUMEL, _default_fused
 
+    # where the CPU kernel does not apply, the compiled graph is the default for large CPU groups
     assert _default_fused([torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2), torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2)])
     assert not _default_fused([torch.zeros(1000)])  # small models start at once, no compile
     opt = Neumann([torch.nn.Parameter(torch.zeros(10))], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"})
     assert not opt._use_fused(opt.param_groups[0], opt.param_groups[0]["params"])
+    # the CPU kernel: the default on CPU, and for fused=True; not for an explicit foreach choice
+    for kwargs, native in [({}, True), ({"fused": True}, True), ({"foreach": True}, False), ({"fused": False}, False)]:
+        p = torch.nn.Parameter(torch.ones(10))
+        opt = Neumann([p], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"}, **kwargs)
+        p.grad = torch.ones(10)
+        opt.step()
+        assert bool(opt._carried) == native, kwargs
+
+
+def test_native_kernel_carries_the_norm(monkeypatch):
+    """The norm of a regular step comes from the previous pass; summed afresh only when a tensor
+    changed outside the optimizer (version counter), a parameter missed a gradient, or after
+    load_state_dict."""
+    calls = []
+    real = _native.squared_distance
+    monkeypatch.setattr(_native, "squared_distance", lambda *a: calls.append(1) or real(*a))
+    _run(True, torch.float64, steps=14)
+    assert calls == []  # burn-in 2, resets at t = 1, 4, 10: every regular step used the carry
+    _run(True, torch.float64, steps=14, poke_at=8)
+    assert len(calls) == 1
+    _run(True, torch.float64, steps=14, idle_at=9)
+    assert len(calls) == 3  # the step without the gradient (another set of tensors) and the next
+    problem, opt = _run(True, torch.float64, steps=6)
+    opt.load_state_dict(opt.state_dict())
+    problem.set_grads()
+    opt.step()  # a regular step (t = 5): both groups sum afresh
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_all_finite(dtype):
+    sizes = [5, 70_001, 1, 40_000, 3]  # the split between the two threads falls inside a tensor
+    grads = [torch.randn(n, dtype=dtype) for n in sizes]
+    assert _native.all_finite(grads)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for ti, pos in [(0, 0), (1, 0), (1, 35_000), (1, 70_000), (2, 0), (3, 39_999), (4, 2)]:
+            grads[ti][pos] = bad
+            assert not _native.all_finite(grads), (bad, ti, pos)
+            grads[ti][pos] = 0.5
+    assert _native.all_finite(grads)
+
+
+def test_native_step_sums_the_next_norm():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(300, 200), (7,), (50_001,)]
+    w, grad, m, v = ([torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4))
+    for phase in ("burn_in", "reset", "neumann"):
+        sq = _native.step(
+            w, grad, m, v, phase=phase, lr=0.1, momentum=0.7, coef=0.2, keep=0.01, weight_decay=0.001
+        )
+        assert sq == pytest.approx(sum(float(((a - b) ** 2).sum()) for a, b in zip(w, v, strict=True)), rel=1e-12)
+        assert _native.squared_distance(w, v) == pytest.approx(sq, rel=1e-12)
+
+
+def test_native_unavailable_falls_back_quietly(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setenv("NEUMANN_OPTIMIZER_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "_compiler", lambda: "false")  # a "compiler" that always fails
+    assert not _native.available()
+    assert "false" in _native.unavailable_reason()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pb, ob = _run(None, torch.float64)  # the default: the for-loop path for this small model
+    pa, _ = _run(False, torch.float64)
+    assert not ob._carried
+    for ga, gb in zip(pa.params, pb.params, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            assert torch.equal(a, b)

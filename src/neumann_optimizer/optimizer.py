@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _native
 from . import functional as F
 from ._distributed import all_ranks_true, all_reduce_squared_norm, is_dtensor, local_tensor
 from .schedule import Phase, next_reset_interval, plan_step
@@ -201,6 +202,8 @@ class Neumann(Optimizer):
         _validate_group(dict(defaults))
         self._fused_failed = False  # set when torch.compile failed: the fused path is off for good
         self._plain: dict[int, bool] = {}  # per group index: all parameters plain real tensors
+        # per group index: (signature of w and v, local sum ||w - v||^2) after the last CPU-kernel pass
+        self._carried: dict[int, tuple[tuple, float]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -223,6 +226,7 @@ class Neumann(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_plain", {})
         self.__dict__.setdefault("_fused_failed", False)
+        self.__dict__["_carried"] = {}
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
@@ -288,9 +292,12 @@ class Neumann(Optimizer):
     def _all_finite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
         """One read of every gradient: a sum is finite iff no element is inf or NaN (barring a
         float overflow of the sum itself, beyond 3e38 in float32). One host synchronisation."""
-        sums = [_real(local_tensor(g)).sum(dtype=torch.float32) for _, _, _, gs in gathered for g in gs]
-        if not sums:
+        grads = [_real(local_tensor(g)) for _, _, _, gs in gathered for g in gs]
+        if not grads:
             return True
+        if all(_wants_native(group) for group in self.param_groups) and _native_ok(grads):
+            return all_reduce_flag(_native.all_finite(grads), gathered)  # one C pass, stops at the first
+        sums = [g.sum(dtype=torch.float32) for g in grads]
         dev = sums[0].device
         finite = bool(torch.isfinite(torch.stack([s.to(dev) for s in sums])).all())
         return all_reduce_flag(finite, gathered)
@@ -370,10 +377,6 @@ class Neumann(Optimizer):
             lw, lg, lm, lv = params, grads, ms, vs
         else:
             lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
-        fused = self._use_fused(group, lw)
-        foreach = group["foreach"]
-        if foreach is None:
-            foreach = all(p.device.type != "cpu" for p in lw)
         alpha, beta = regularizer_weights(group) if phase is Phase.NEUMANN else (0.0, 0.0)
         kwargs = dict(
             phase=phase,
@@ -382,6 +385,13 @@ class Neumann(Optimizer):
             ema_decay=group["ema_decay"],
             weight_decay=group["weight_decay"],
         )
+        if _wants_native(group) and _native_ok(lw, lg, lm, lv):
+            self._native_update(gi, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
+            return
+        fused = self._use_fused(group, lw)
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(p.device.type != "cpu" for p in lw)
         if fused:
             try:
                 coef = None  # the compiled graph reduces the norm itself ...
@@ -409,6 +419,52 @@ class Neumann(Optimizer):
             sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
         F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, **kwargs)
+
+    # ------------------------------------------------------------------ the CPU kernel
+    def _native_update(
+        self,
+        gi: int,
+        params: list[Tensor],
+        vs: list[Tensor],
+        lw: list[Tensor],
+        lg: list[Tensor],
+        lm: list[Tensor],
+        lv: list[Tensor],
+        alpha: float,
+        beta: float,
+        *,
+        phase: Phase,
+        lr: float,
+        momentum: float,
+        ema_decay: float,
+        weight_decay: float,
+    ) -> None:
+        """One pass of the C kernel. The group norm a regular step needs is the one the
+        previous pass summed, if no tensor changed since (same tensors, same version counters);
+        otherwise it is summed afresh (one read of ``w`` and ``v``)."""
+        coef = 0.0
+        if phase is Phase.NEUMANN:
+            carried = self._carried.get(gi)
+            if carried is not None and carried[0] == _signature(params, vs, lw, lv):
+                sq = carried[1]
+            else:
+                sq = _native.squared_distance(lw, lv)
+            if not self._plain[gi]:  # local sum of the shards -> sum over ranks
+                sq = float(all_reduce_squared_norm(torch.tensor(sq, dtype=torch.float64), params))
+            coef = _coefficient(sq, alpha, beta)
+        sq_next = _native.step(
+            lw,
+            lg,
+            lm,
+            lv,
+            phase=phase.value,
+            lr=lr,
+            momentum=momentum,
+            coef=coef,
+            keep=1.0 - ema_decay,
+            weight_decay=weight_decay,
+        )
+        self._carried[gi] = (_signature(params, vs, lw, lv), sq_next)
 
     def _fused_fallback(self, exc: Exception) -> None:
         self._fused_failed = True
@@ -501,6 +557,7 @@ class Neumann(Optimizer):
         """Load a state dict after checking that it is a Neumann state of the same model."""
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        self._carried.clear()
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -570,6 +627,41 @@ def _default_fused(lw: list[Tensor]) -> bool:
     path there, as in torch.optim.
     """
     return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
+
+
+def _wants_native(group: dict[str, Any]) -> bool:
+    """``fused=True``, or the default (``fused=None`` and ``foreach=None``)."""
+    return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None)
+
+
+def _native_ok(*lists: list[Tensor]) -> bool:
+    """The fused path's CPU kernel applies: dense contiguous CPU tensors, all float32 or all
+    float64, outside torch.compile (the kernel is an opaque ctypes call), and it compiled."""
+    if torch.compiler.is_compiling() or not all(_native.supports(ts) for ts in lists):
+        return False
+    return len({ts[0].dtype for ts in lists}) == 1 and _native.available()
+
+
+def _signature(params: list[Tensor], vs: list[Tensor], lw: list[Tensor], lv: list[Tensor]) -> tuple:
+    """Which tensors, where their data lies, and their version counters (bumped by every in-place
+    change torch sees; not by writes through ``.data``)."""
+    return (
+        tuple(map(id, params)),
+        tuple(map(id, vs)),
+        tuple(t._version for t in lw),
+        tuple(t._version for t in lv),
+        tuple(t.data_ptr() for t in lw),
+        tuple(t.data_ptr() for t in lv),
+    )
+
+
+def _coefficient(sq: float, alpha: float, beta: float) -> float:
+    """:func:`functional.regularizer_coefficient` on the host: ``alpha r - beta / r^3``, or 0 where
+    ``r = sqrt(sq)`` is 0 or not finite."""
+    r = math.sqrt(sq) if sq >= 0 else math.nan
+    if not (math.isfinite(r) and r > 0):
+        return 0.0
+    return alpha * r - beta / (r * r * r)
 
 
 def _real(t: Tensor) -> Tensor:

@@ -1,0 +1,156 @@
+/* One pass per step of the Neumann optimizer on CPU (SPEC section 3), for float32 and float64.
+ *
+ * Compiled at first use by neumann_optimizer/_native.py with the system C compiler and OpenMP,
+ * loaded with ctypes. Each parameter's g, w, m, v are read once and w, m, v written once (28
+ * bytes per float32 parameter, Adam's traffic), and the same pass returns sum ||w - v||^2 of
+ * the updated tensors: the norm the next step's regularizer needs, so no step reads w and v a
+ * second time. The tensors of a group are split into one contiguous range of elements per
+ * thread, so threads get equal work whatever the tensor sizes.
+ *
+ * Phases: 0 burn-in (w -= lr g), 1 reset (m = -lr g), 2 regular (d = g + coef (w - v)).
+ * g includes weight decay, g + wd w, always computed: with wd = 0 it is g exactly (for finite w),
+ * and a branch in the loop made it 3x slower (measured). Sums of squares run in blocks of BLOCK
+ * elements in the parameter type (vectorised), blocks added in double.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define BLOCK 1024
+#define ALIGN 16 /* a thread's range starts on a multiple of 16 elements (one 64-byte line) */
+
+/* The range [lo, hi) of the concatenation of ntensors tensors of sizes numel[] that thread
+ * tid of nthreads handles. */
+static void thread_range(int64_t total, int tid, int nthreads, int64_t *lo, int64_t *hi) {
+    int64_t per = (total / nthreads + ALIGN - 1) / ALIGN * ALIGN;
+    *lo = per * tid < total ? per * tid : total;
+    *hi = per * (tid + 1) < total && tid + 1 < nthreads ? per * (tid + 1) : total;
+}
+
+#define DEFINE_KERNELS(T, SUFFIX)                                                                     \
+    static double seg_step_##SUFFIX(T *restrict w, const T *restrict g, T *restrict m, T *restrict v,   \
+                                    int64_t n, int phase, T lr, T mu, T coef, T keep, T wd) {          \
+        double total = 0.0;                                                                         \
+        for (int64_t s = 0; s < n; s += BLOCK) {                                                    \
+            int64_t e = s + BLOCK < n ? s + BLOCK : n;                                               \
+            T acc = 0;                                                                              \
+            if (phase == 0) {                                                                       \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
+                    T wk = w[k];                                                                    \
+                    T gk = g[k] + wd * wk;                                          \
+                    T wn = wk - lr * gk;                                                            \
+                    w[k] = wn;                                                                      \
+                    T x = wn - v[k];                                                                \
+                    acc += x * x;                                                                   \
+                }                                                                                   \
+            } else if (phase == 1) {                                                                \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
+                    T wk = w[k], vk = v[k];                                                         \
+                    T d = g[k] + wd * wk;                                           \
+                    T mn = -lr * d;                                                                 \
+                    T wn = wk + mu * mn - lr * d;                                                   \
+                    T vn = vk + keep * (wn - vk);                                                   \
+                    m[k] = mn;                                                                      \
+                    w[k] = wn;                                                                      \
+                    v[k] = vn;                                                                      \
+                    T x = wn - vn;                                                                  \
+                    acc += x * x;                                                                   \
+                }                                                                                   \
+            } else {                                                                                \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
+                    T wk = w[k], vk = v[k];                                                         \
+                    T gk = g[k] + wd * wk;                                          \
+                    T d = gk + coef * (wk - vk);                                                    \
+                    T mn = mu * m[k] - lr * d;                                                      \
+                    T wn = wk + mu * mn - lr * d;                                                   \
+                    T vn = vk + keep * (wn - vk);                                                   \
+                    m[k] = mn;                                                                      \
+                    w[k] = wn;                                                                      \
+                    v[k] = vn;                                                                      \
+                    T x = wn - vn;                                                                  \
+                    acc += x * x;                                                                   \
+                }                                                                                   \
+            }                                                                                       \
+            total += (double)acc;                                                                   \
+        }                                                                                           \
+        return total;                                                                               \
+    }                                                                                               \
+                                                                                                    \
+    static double seg_sqdist_##SUFFIX(const T *restrict w, const T *restrict v, int64_t n) {         \
+        double total = 0.0;                                                                         \
+        for (int64_t s = 0; s < n; s += BLOCK) {                                                    \
+            int64_t e = s + BLOCK < n ? s + BLOCK : n;                                               \
+            T acc = 0;                                                                              \
+            _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {                 \
+                T x = w[k] - v[k];                                                                  \
+                acc += x * x;                                                                       \
+            }                                                                                       \
+            total += (double)acc;                                                                   \
+        }                                                                                           \
+        return total;                                                                               \
+    }                                                                                               \
+                                                                                                    \
+    static int seg_finite_##SUFFIX(const T *restrict g, int64_t n) {                                 \
+        for (int64_t s = 0; s < n; s += BLOCK) {                                                    \
+            int64_t e = s + BLOCK < n ? s + BLOCK : n;                                               \
+            T acc = 0;                                                                              \
+            _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) acc += g[k] * 0; \
+            if (acc != 0) return 0; /* inf * 0 and NaN * 0 are NaN, and NaN != 0 */                 \
+        }                                                                                           \
+        return 1;                                                                                   \
+    }                                                                                               \
+                                                                                                    \
+    double neumann_step_##SUFFIX(int64_t ntensors, T **w, T **g, T **m, T **v, const int64_t *numel,  \
+                                 int phase, double lr, double mu, double coef, double keep, double wd, \
+                                 int nthreads) {                                                     \
+        int64_t total = 0;                                                                          \
+        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
+        if (total < 32768) nthreads = 1;                                                            \
+        double sq = 0.0;                                                                            \
+        _Pragma("omp parallel num_threads(nthreads) reduction(+ : sq)") {                           \
+            int64_t lo, hi, base = 0;                                                               \
+            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
+            for (int64_t i = 0; i < ntensors && base < hi; base += numel[i], ++i) {                  \
+                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
+                if (s >= e) continue;                                                               \
+                sq += seg_step_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, v[i] + s, e - s, phase, (T)lr,    \
+                                        (T)mu, (T)coef, (T)keep, (T)wd);                            \
+            }                                                                                       \
+        }                                                                                           \
+        return sq;                                                                                  \
+    }                                                                                               \
+                                                                                                    \
+    double neumann_sqdist_##SUFFIX(int64_t ntensors, T **w, T **v, const int64_t *numel, int nthreads) { \
+        int64_t total = 0;                                                                          \
+        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
+        if (total < 32768) nthreads = 1;                                                            \
+        double sq = 0.0;                                                                            \
+        _Pragma("omp parallel num_threads(nthreads) reduction(+ : sq)") {                           \
+            int64_t lo, hi, base = 0;                                                               \
+            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
+            for (int64_t i = 0; i < ntensors && base < hi; base += numel[i], ++i) {                  \
+                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
+                if (s < e) sq += seg_sqdist_##SUFFIX(w[i] + s, v[i] + s, e - s);                      \
+            }                                                                                       \
+        }                                                                                           \
+        return sq;                                                                                  \
+    }                                                                                               \
+                                                                                                    \
+    int neumann_all_finite_##SUFFIX(int64_t ntensors, T **g, const int64_t *numel, int nthreads) {   \
+        int64_t total = 0;                                                                          \
+        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
+        if (total < 32768) nthreads = 1;                                                            \
+        int ok = 1;                                                                                 \
+        _Pragma("omp parallel num_threads(nthreads) reduction(&& : ok)") {                          \
+            int64_t lo, hi, base = 0;                                                               \
+            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
+            for (int64_t i = 0; i < ntensors && base < hi && ok; base += numel[i], ++i) {            \
+                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
+                if (s < e) ok = seg_finite_##SUFFIX(g[i] + s, e - s);                                \
+            }                                                                                       \
+        }                                                                                           \
+        return ok;                                                                                  \
+    }
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
