@@ -6,7 +6,8 @@
 Parameters are laid out like a transformer (about 100 tensors: embedding, per-layer attention and
 MLP matrices, biases and norm vectors). Every implementation is timed in the same process, runs
 interleaved round by round (memory bandwidth on a shared machine swings from minute to minute),
-and the median per-step time is reported with its ratio to ``Adam(fused=True)``. Neumann is timed
+and the median per-step time is reported with its ratio to ``Adam(fused=True)``; each round
+starts with one untimed step per optimizer. Neumann is timed
 in its regular (regularized) phase, the most expensive one. A memory-bandwidth figure measured in
 the same run (``a = b + s * c`` over a large buffer) converts times into implied bytes moved per
 parameter: a Neumann or Adam step must move at least 28 bytes per float32 parameter (read g, w,
@@ -19,11 +20,13 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
-from neumann_optimizer import Neumann
+from neumann_optimizer import Neumann, _native
+from neumann_optimizer import optimizer as optimizer_module
 
 
 def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -44,8 +47,28 @@ def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[t
     return params
 
 
+@contextmanager
+def cpu_kernel_off() -> Iterator[None]:
+    """Inside: Neumann as where its CPU kernel is unavailable (fused=True -> the compiled graph)."""
+    real = optimizer_module._native_ok
+    optimizer_module._native_ok = lambda *lists: False
+    try:
+        yield
+    finally:
+        optimizer_module._native_ok = real
+
+
+class CompiledGraph(Neumann):
+    """``Neumann(fused=True)`` on its torch.compile'd graph, timed on CPU too."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        with cpu_kernel_off():
+            return super().step(closure)
+
+
 def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     neu = dict(lr=1e-3, burn_in_steps=0, reset_steps=10**9, momentum_ramp_steps=1)
+    kernel = " [CPU kernel]" if device == "cpu" and _native.available() else " [compiled graph]"
     impls: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "Adam(fused=True)": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
         "Adam(foreach=True)": lambda: torch.optim.Adam(params, lr=1e-3, foreach=True),
@@ -54,8 +77,10 @@ def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, 
         "SGD(nesterov, foreach=True)": lambda: torch.optim.SGD(
             params, lr=1e-3, momentum=0.9, nesterov=True, foreach=True
         ),
-        "Neumann(fused=True)": lambda: Neumann(params, fused=True, **neu),
-        "Neumann(fused=True, nonfinite='ignore')": lambda: Neumann(params, fused=True, nonfinite="ignore", **neu),
+        "Neumann(fused=True)" + kernel: lambda: Neumann(params, fused=True, **neu),
+        "Neumann(fused=True, nonfinite='ignore')" + kernel: lambda: Neumann(
+            params, fused=True, nonfinite="ignore", **neu
+        ),
         "Neumann(foreach=True)": lambda: Neumann(params, foreach=True, fused=False, **neu),
         "Neumann(foreach=True, nonfinite='ignore')": lambda: Neumann(
             params, foreach=True, fused=False, nonfinite="ignore", **neu
@@ -63,6 +88,11 @@ def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, 
         "Neumann(foreach=False)": lambda: Neumann(params, foreach=False, fused=False, **neu),
         "Neumann() default": lambda: Neumann(params, **neu),
     }
+    if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
+        impls["Neumann(fused=True) [compiled graph]"] = lambda: CompiledGraph(params, fused=True, **neu)
+        impls["Neumann(fused=True, nonfinite='ignore') [compiled graph]"] = lambda: CompiledGraph(
+            params, fused=True, nonfinite="ignore", **neu
+        )
     return impls
 
 
@@ -119,6 +149,9 @@ def bench_size(total: int, device: str, rounds: int, steps: int, only: list[str]
     for _ in range(rounds):
         bws.append(bandwidth(device))
         for name, opt in opts.items():
+            # untimed: the other optimizers' steps in between changed the shared parameters, which
+            # no real run does (Neumann's CPU kernel then sums ||w - v|| afresh once)
+            opt.step()
             sync(device)
             t = time.perf_counter()
             for _ in range(steps):

@@ -33,7 +33,7 @@ from torch import Tensor
 
 __all__ = ["DTYPES", "all_finite", "available", "library", "squared_distance", "step", "supports", "unavailable_reason"]
 
-DTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 PHASE_CODES = {"burn_in": 0, "reset": 1, "neumann": 2}
 _SOURCE = Path(__file__).with_name("_native.c")
 _COMMON = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -116,9 +116,8 @@ def library() -> ctypes.CDLL | None:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")
             lib = ctypes.CDLL(str(_build(cc, _SOURCE.read_bytes())))
-            for suffix, ctype in DTYPES.values():
-                ptrs = ctypes.POINTER(ctypes.POINTER(ctype))
-                i64p = ctypes.POINTER(ctypes.c_int64)
+            ptrs, i64p = ctypes.c_void_p, ctypes.c_void_p  # arrays of data pointers / of sizes
+            for suffix in DTYPES.values():
                 fn = getattr(lib, f"neumann_step_{suffix}")
                 fn.restype = ctypes.c_double
                 fn.argtypes = [ctypes.c_int64, ptrs, ptrs, ptrs, ptrs, i64p, ctypes.c_int]
@@ -148,22 +147,22 @@ def unavailable_reason() -> str:
 
 
 def supports(tensors: list[Tensor]) -> bool:
-    """Plain dense contiguous CPU tensors of one dtype the kernel has (float32 or float64)."""
+    """Dense contiguous CPU tensors, all float32 or all float64 (the kernel's types)."""
     if not tensors:
         return False
     dtype = tensors[0].dtype
     return dtype in DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous()
-        for t in tensors
+        t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous() for t in tensors
     )
 
 
-def _pointers(tensors: list[Tensor], ctype: type) -> ctypes.Array:
-    return (ctypes.POINTER(ctype) * len(tensors))(*(ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype)) for t in tensors))
+def pointers(tensors: list[Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (``T **`` on the C side)."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def _sizes(tensors: list[Tensor]) -> ctypes.Array:
-    return (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
+def sizes(tensors: list[Tensor]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
 
 
 def step(
@@ -185,14 +184,13 @@ def step(
     """
     lib = library()
     assert lib is not None
-    suffix, ctype = DTYPES[params[0].dtype]
-    sq = getattr(lib, f"neumann_step_{suffix}")(
+    sq = getattr(lib, f"neumann_step_{DTYPES[params[0].dtype]}")(
         len(params),
-        _pointers(params, ctype),
-        _pointers(grads, ctype),
-        _pointers(ms, ctype),
-        _pointers(vs, ctype),
-        _sizes(params),
+        pointers(params),
+        pointers(grads),
+        pointers(ms),
+        pointers(vs),
+        sizes(params),
         PHASE_CODES[phase],
         lr,
         momentum,
@@ -209,16 +207,13 @@ def squared_distance(params: list[Tensor], vs: list[Tensor]) -> float:
     """``sum ||w - v||^2`` over the group, accumulated in double."""
     lib = library()
     assert lib is not None
-    suffix, ctype = DTYPES[params[0].dtype]
-    fn = getattr(lib, f"neumann_sqdist_{suffix}")
-    nthreads = torch.get_num_threads()
-    return float(fn(len(params), _pointers(params, ctype), _pointers(vs, ctype), _sizes(params), nthreads))
+    fn = getattr(lib, f"neumann_sqdist_{DTYPES[params[0].dtype]}")
+    return float(fn(len(params), pointers(params), pointers(vs), sizes(params), torch.get_num_threads()))
 
 
 def all_finite(grads: list[Tensor]) -> bool:
     """No inf or NaN in any of ``grads`` (one read of each, stops early at the first)."""
     lib = library()
     assert lib is not None
-    suffix, ctype = DTYPES[grads[0].dtype]
-    fn = getattr(lib, f"neumann_all_finite_{suffix}")
-    return bool(fn(len(grads), _pointers(grads, ctype), _sizes(grads), torch.get_num_threads()))
+    fn = getattr(lib, f"neumann_all_finite_{DTYPES[grads[0].dtype]}")
+    return bool(fn(len(grads), pointers(grads), sizes(grads), torch.get_num_threads()))

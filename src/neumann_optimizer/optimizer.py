@@ -142,11 +142,22 @@ class Neumann(Optimizer):
             ``"ignore"`` does no check (fastest, no host synchronisation).
         foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
             all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
-        fused: one ``torch.compile``d graph per step: the group norm (one read of ``w`` and
-            ``v``) and the update (each tensor read and written once). Compiles on the first step
-            of each phase (tens of seconds on CPU for a 100-tensor model, cached on disk after
-            that); falls back to the multi-tensor path with a warning where compilation fails.
-            ``None``: on for CPU groups of at least 2^20 scalars, where it measured faster.
+        fused: one pass over the tensors per step. On CPU (float32 or float64, contiguous) a small C
+            kernel of ours (``_native.c``, compiled at first use with the system C compiler and
+            OpenMP, about a second, cached on disk) that also sums the norm ``||w - v||`` the next
+            step needs, so a step moves Adam's 28 bytes per parameter. That norm is carried from
+            step to step while the tensors' version counters show no change; an in-place change
+            that torch sees (``p.mul_()``, ``load_state_dict``, ``eval()``) makes the next step sum
+            it afresh. A write through ``.data`` is not seen: the next step's regularizer then
+            uses the norm from before that write (that one step only; its pass sums the true
+            norm again). Elsewhere (CUDA, other dtypes, where the kernel
+            does not compile, inside ``torch.compile``) one ``torch.compile``d graph: the group norm
+            (one read of ``w`` and ``v``), then the update; it compiles on the first step of each
+            phase (tens of seconds on CPU for a 100-tensor model, cached on disk) and falls back to
+            the multi-tensor path with a warning where compilation fails. ``None`` (default): the
+            CPU kernel wherever it applies and ``foreach`` is not given; else the compiled graph for
+            CPU groups of at least 2^20 scalars; else ``foreach``'s choice.
+            ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the CPU kernel off.
     """
 
     def __init__(
