@@ -177,7 +177,9 @@ def neumann_update(
 # instead. Inductor's CPU code for a reduction over a buffer the same kernel mutates stages that
 # buffer (a temporary the size of v plus a copy back); fresh temporaries cost page faults on
 # every step, and that kernel ran 2-3x slower than the update plus a reduction of its own
-# (docs/PERFORMANCE.md). Reducing first, from the inputs, needs no staging and no cache.
+# (docs/PERFORMANCE.md). Reducing first, from the inputs, needs no staging and no cache. On CPU
+# the optimizer uses its C kernel instead (_native.c), which does sum the next step's norm in the
+# update pass; this graph serves CUDA, other dtypes, and CPUs where the kernel does not compile.
 # ---------------------------------------------------------------------------------------------
 def _fused_body(
     params: list[Tensor],

@@ -629,7 +629,8 @@ FUSED_DEFAULT_MIN_NUMEL = 2**20
 
 
 def _default_fused(lw: list[Tensor]) -> bool:
-    """Where ``fused=None`` uses the compiled path: CPU groups of at least 2^20 scalars.
+    """Where ``fused=None`` uses the compiled graph when the CPU kernel does not apply (say,
+    bfloat16 parameters, or no C compiler): CPU groups of at least 2^20 scalars.
 
     There ``benchmarks/step_time.py`` measured it 1.5-2x faster than the for-loop path (the
     torch.optim default on CPU), and the one-off compilation (tens of seconds, cached on disk)
