@@ -26,7 +26,7 @@ def _select(monkeypatch, path: str) -> None:
         monkeypatch.setattr(optimizer_module, "_native_ok", lambda *lists: False)
 
 
-def _run(fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0, idle_at=None):
+def _run(fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0, idle_at=None, strided_at=None):
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0, dtype=dtype)
     opt = Neumann(
         [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
@@ -39,6 +39,9 @@ def _run(fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0
         problem.set_grads()
         if i == idle_at:  # one parameter without a gradient on this step
             problem.params[0][1].grad = None
+        if i == strided_at:  # a non-contiguous gradient: this step leaves the CPU kernel
+            g = problem.params[0][0].grad
+            problem.params[0][0].grad = g.t().contiguous().t()
         opt.step()
         if i == eval_at:
             opt.eval()
@@ -51,6 +54,7 @@ def _run(fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0
 
 CASES = {"plain": {}, "eval_train": {"eval_at": 7}, "poked": {"poke_at": 8}, "weight_decay": {"wd": 0.01}}
 CASES["no_grad_once"] = {"idle_at": 9}
+CASES["strided_grad_once"] = {"strided_at": 8}
 
 
 @pytest.mark.parametrize("path", PATHS)

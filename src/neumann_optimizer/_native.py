@@ -77,16 +77,28 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
+def _writable_cache_dir() -> Path:
+    """The cache directory, or one under the temporary directory where it cannot be created."""
+    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"neumann_optimizer-{os.getuid()}"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable cache directory ({_cache_dir()})")
+
+
 def _build(cc: str, source: bytes) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    cache = _writable_cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         parts = [source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
         key = hashlib.sha256(b"\0".join(parts))
-        target = _cache_dir() / f"neumann_kernel_{key.hexdigest()[:20]}.so"
+        target = cache / f"neumann_kernel_{key.hexdigest()[:20]}.so"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
             proc = subprocess.run(

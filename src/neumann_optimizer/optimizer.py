@@ -399,6 +399,7 @@ class Neumann(Optimizer):
         if _wants_native(group) and _native_ok(lw, lg, lm, lv):
             self._native_update(gi, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
             return
+        self._carried.pop(gi, None)  # a step on another path: its norm was not summed
         fused = self._use_fused(group, lw)
         foreach = group["foreach"]
         if foreach is None:
