@@ -8,6 +8,7 @@
  * thread, so threads get equal work whatever the tensor sizes.
  *
  * Phases: 0 burn-in (w -= lr g), 1 reset (m = -lr g), 2 regular (d = g + coef (w - v)).
+ * A reset reads m (and scales it by 0): resets are rare, and one loop serves both.
  * g includes weight decay, g + wd w, always computed: with wd = 0 it is g exactly (for finite w),
  * and a branch in the loop made it 3x slower (measured). Sums of squares run in blocks of BLOCK
  * elements in the parameter type (vectorised), blocks added in double.
@@ -27,6 +28,30 @@ static void thread_range(int64_t total, int tid, int nthreads, int64_t *lo, int6
     *hi = per * (tid + 1) < total && tid + 1 < nthreads ? per * (tid + 1) : total;
 }
 
+static int64_t total_numel(int64_t ntensors, const int64_t *numel) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < ntensors; ++i) total += numel[i];
+    return total;
+}
+
+/* One thread for small groups: there a parallel region costs more than the work. */
+static int threads_for(int64_t total, int nthreads) { return total < 32768 ? 1 : nthreads; }
+
+/* Inside a parallel region: run the statement(s) after CONTINUE for each piece [s, e) of
+ * tensor i that falls in this thread's range, while CONTINUE holds. */
+#define FOR_MY_SEGMENTS(ntensors, numel, total, CONTINUE, ...)                                      \
+    {                                                                                               \
+        int64_t lo_, hi_, base_ = 0;                                                                \
+        thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo_, &hi_);               \
+        for (int64_t i = 0; i < (ntensors) && base_ < hi_ && (CONTINUE); base_ += (numel)[i], ++i) { \
+            int64_t s = lo_ > base_ ? lo_ - base_ : 0;                                              \
+            int64_t e = hi_ - base_ < (numel)[i] ? hi_ - base_ : (numel)[i];                        \
+            if (s < e) {                                                                            \
+                __VA_ARGS__;                                                                        \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
 #define DEFINE_KERNELS(T, SUFFIX)                                                                     \
     static double seg_step_##SUFFIX(T *restrict w, const T *restrict g, T *restrict m, T *restrict v,   \
                                     int64_t n, int phase, T lr, T mu, T coef, T keep, T wd) {          \
@@ -37,31 +62,17 @@ static void thread_range(int64_t total, int tid, int nthreads, int64_t *lo, int6
             if (phase == 0) {                                                                       \
                 _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
                     T wk = w[k];                                                                    \
-                    T gk = g[k] + wd * wk;                                          \
-                    T wn = wk - lr * gk;                                                            \
+                    T wn = wk - lr * (g[k] + wd * wk);                                              \
                     w[k] = wn;                                                                      \
                     T x = wn - v[k];                                                                \
                     acc += x * x;                                                                   \
                 }                                                                                   \
-            } else if (phase == 1) {                                                                \
+            } else { /* a reset is the regular step with m and coef taken as 0 (exact for finite m) */ \
+                const T mscale = phase == 1 ? 0 : mu, c = phase == 1 ? 0 : coef;                     \
                 _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
                     T wk = w[k], vk = v[k];                                                         \
-                    T d = g[k] + wd * wk;                                           \
-                    T mn = -lr * d;                                                                 \
-                    T wn = wk + mu * mn - lr * d;                                                   \
-                    T vn = vk + keep * (wn - vk);                                                   \
-                    m[k] = mn;                                                                      \
-                    w[k] = wn;                                                                      \
-                    v[k] = vn;                                                                      \
-                    T x = wn - vn;                                                                  \
-                    acc += x * x;                                                                   \
-                }                                                                                   \
-            } else {                                                                                \
-                _Pragma("omp simd reduction(+ : acc)") for (int64_t k = s; k < e; ++k) {             \
-                    T wk = w[k], vk = v[k];                                                         \
-                    T gk = g[k] + wd * wk;                                          \
-                    T d = gk + coef * (wk - vk);                                                    \
-                    T mn = mu * m[k] - lr * d;                                                      \
+                    T d = g[k] + wd * wk + c * (wk - vk);                                           \
+                    T mn = mscale * m[k] - lr * d;                                                  \
                     T wn = wk + mu * mn - lr * d;                                                   \
                     T vn = vk + keep * (wn - vk);                                                   \
                     m[k] = mn;                                                                      \
@@ -103,52 +114,28 @@ static void thread_range(int64_t total, int tid, int nthreads, int64_t *lo, int6
     double neumann_step_##SUFFIX(int64_t ntensors, T **w, T **g, T **m, T **v, const int64_t *numel,  \
                                  int phase, double lr, double mu, double coef, double keep, double wd, \
                                  int nthreads) {                                                     \
-        int64_t total = 0;                                                                          \
-        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
-        if (total < 32768) nthreads = 1;                                                            \
+        int64_t total = total_numel(ntensors, numel);                                               \
         double sq = 0.0;                                                                            \
-        _Pragma("omp parallel num_threads(nthreads) reduction(+ : sq)") {                           \
-            int64_t lo, hi, base = 0;                                                               \
-            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
-            for (int64_t i = 0; i < ntensors && base < hi; base += numel[i], ++i) {                  \
-                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
-                if (s >= e) continue;                                                               \
-                sq += seg_step_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, v[i] + s, e - s, phase, (T)lr,    \
-                                        (T)mu, (T)coef, (T)keep, (T)wd);                            \
-            }                                                                                       \
-        }                                                                                           \
+        _Pragma("omp parallel num_threads(threads_for(total, nthreads)) reduction(+ : sq)")         \
+        FOR_MY_SEGMENTS(ntensors, numel, total, 1,                                                   \
+                        sq += seg_step_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, v[i] + s, e - s, phase,   \
+                                                (T)lr, (T)mu, (T)coef, (T)keep, (T)wd))              \
         return sq;                                                                                  \
     }                                                                                               \
                                                                                                     \
     double neumann_sqdist_##SUFFIX(int64_t ntensors, T **w, T **v, const int64_t *numel, int nthreads) { \
-        int64_t total = 0;                                                                          \
-        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
-        if (total < 32768) nthreads = 1;                                                            \
+        int64_t total = total_numel(ntensors, numel);                                               \
         double sq = 0.0;                                                                            \
-        _Pragma("omp parallel num_threads(nthreads) reduction(+ : sq)") {                           \
-            int64_t lo, hi, base = 0;                                                               \
-            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
-            for (int64_t i = 0; i < ntensors && base < hi; base += numel[i], ++i) {                  \
-                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
-                if (s < e) sq += seg_sqdist_##SUFFIX(w[i] + s, v[i] + s, e - s);                      \
-            }                                                                                       \
-        }                                                                                           \
+        _Pragma("omp parallel num_threads(threads_for(total, nthreads)) reduction(+ : sq)")         \
+        FOR_MY_SEGMENTS(ntensors, numel, total, 1, sq += seg_sqdist_##SUFFIX(w[i] + s, v[i] + s, e - s)) \
         return sq;                                                                                  \
     }                                                                                               \
                                                                                                     \
     int neumann_all_finite_##SUFFIX(int64_t ntensors, T **g, const int64_t *numel, int nthreads) {   \
-        int64_t total = 0;                                                                          \
-        for (int64_t i = 0; i < ntensors; ++i) total += numel[i];                                   \
-        if (total < 32768) nthreads = 1;                                                            \
+        int64_t total = total_numel(ntensors, numel);                                               \
         int ok = 1;                                                                                 \
-        _Pragma("omp parallel num_threads(nthreads) reduction(&& : ok)") {                          \
-            int64_t lo, hi, base = 0;                                                               \
-            thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);              \
-            for (int64_t i = 0; i < ntensors && base < hi && ok; base += numel[i], ++i) {            \
-                int64_t s = lo > base ? lo - base : 0, e = hi - base < numel[i] ? hi - base : numel[i]; \
-                if (s < e) ok = seg_finite_##SUFFIX(g[i] + s, e - s);                                \
-            }                                                                                       \
-        }                                                                                           \
+        _Pragma("omp parallel num_threads(threads_for(total, nthreads)) reduction(&& : ok)")        \
+        FOR_MY_SEGMENTS(ntensors, numel, total, ok, ok = seg_finite_##SUFFIX(g[i] + s, e - s))       \
         return ok;                                                                                  \
     }
 
