@@ -188,3 +188,25 @@ def test_native_unavailable_falls_back_quietly(monkeypatch, tmp_path):
     for ga, gb in zip(pa.params, pb.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_native_step_is_the_same_on_any_thread_count(threads):
+    """Each element's update is independent of the split between threads: bit-identical."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(70_001,), (3,), (40_000,), (5, 7)]
+    tensors = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    copies = [[t.clone() for t in ts] for ts in tensors]
+    kw = dict(phase="neumann", lr=0.1, momentum=0.7, coef=0.2, keep=0.01, weight_decay=0.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sq_a = _native.step(*tensors, **kw)
+        torch.set_num_threads(threads)
+        sq_b = _native.step(*copies, **kw)
+    finally:
+        torch.set_num_threads(before)
+    for ts, cs in zip(tensors, copies, strict=True):
+        for t, c in zip(ts, cs, strict=True):
+            assert torch.equal(t, c)
+    assert sq_b == pytest.approx(sq_a, rel=1e-5)
