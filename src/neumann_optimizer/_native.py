@@ -158,13 +158,14 @@ def unavailable_reason() -> str:
     return _reason
 
 
-def supports(tensors: list[Tensor]) -> bool:
-    """Dense contiguous CPU tensors, all float32 or all float64 (the kernel's types)."""
-    if not tensors:
+def supports(*lists: list[Tensor]) -> bool:
+    """Non-empty lists of dense contiguous CPU tensors, all float32 or all float64 (the kernel's
+    types)."""
+    if not lists or not lists[0]:
         return False
-    dtype = tensors[0].dtype
+    dtype = lists[0][0].dtype
     return dtype in DTYPES and all(
-        t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous() for t in tensors
+        t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous() for ts in lists for t in ts
     )
 
 

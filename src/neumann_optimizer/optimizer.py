@@ -303,7 +303,7 @@ class Neumann(Optimizer):
     def _all_finite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
         """One read of every gradient: a sum is finite iff no element is inf or NaN (barring a
         float overflow of the sum itself, beyond 3e38 in float32). One host synchronisation."""
-        grads = [_real(local_tensor(g)) for _, _, _, gs in gathered for g in gs]
+        grads = [g for gi, _, _, gs in gathered for g in self._local(gi, gs)]
         if not grads:
             return True
         if all(_wants_native(group) for group in self.param_groups) and _native_ok(grads):
@@ -370,6 +370,17 @@ class Neumann(Optimizer):
             group["next_reset"] += group["reset_interval"]
             group["reset_interval"] = next_reset_interval(group["reset_interval"], group["reset_growth"])
 
+    def _is_plain(self, gi: int) -> bool:
+        """All parameters of group ``gi`` are plain real tensors (no DTensor, no complex); cached."""
+        plain = self._plain.get(gi)
+        if plain is None:
+            plain = self._plain[gi] = not any(is_dtensor(p) or p.is_complex() for p in self.param_groups[gi]["params"])
+        return plain
+
+    def _local(self, gi: int, ts: list[Tensor]) -> list[Tensor]:
+        """The real local tensors the kernels work on: ``ts`` itself for a plain group."""
+        return ts if self._is_plain(gi) else [_real(local_tensor(t)) for t in ts]
+
     def _update(
         self,
         gi: int,
@@ -381,13 +392,8 @@ class Neumann(Optimizer):
         vs: list[Tensor],
     ) -> None:
         group = self.param_groups[gi]
-        plain = self._plain.get(gi)
-        if plain is None:  # once per group: no DTensor, no complex -> no per-step conversions
-            plain = self._plain[gi] = not any(is_dtensor(p) or p.is_complex() for p in group["params"])
-        if plain:
-            lw, lg, lm, lv = params, grads, ms, vs
-        else:
-            lw, lg, lm, lv = ([_real(local_tensor(t)) for t in ts] for ts in (params, grads, ms, vs))
+        plain = self._is_plain(gi)
+        lw, lg, lm, lv = (self._local(gi, ts) for ts in (params, grads, ms, vs))
         alpha, beta = regularizer_weights(group) if phase is Phase.NEUMANN else (0.0, 0.0)
         kwargs = dict(
             phase=phase,
@@ -461,7 +467,7 @@ class Neumann(Optimizer):
                 sq = carried[1]
             else:
                 sq = _native.squared_distance(lw, lv)
-            if not self._plain[gi]:  # local sum of the shards -> sum over ranks
+            if not self._is_plain(gi):  # local sum of the shards -> sum over ranks
                 sq = float(all_reduce_squared_norm(torch.tensor(sq, dtype=torch.float64), params))
             coef = _coefficient(sq, alpha, beta)
         sq_next = _native.step(
@@ -650,9 +656,7 @@ def _wants_native(group: dict[str, Any]) -> bool:
 def _native_ok(*lists: list[Tensor]) -> bool:
     """The fused path's CPU kernel applies: dense contiguous CPU tensors, all float32 or all
     float64, outside torch.compile (the kernel is an opaque ctypes call), and it compiled."""
-    if torch.compiler.is_compiling() or not all(_native.supports(ts) for ts in lists):
-        return False
-    return len({ts[0].dtype for ts in lists}) == 1 and _native.available()
+    return not torch.compiler.is_compiling() and _native.supports(*lists) and _native.available()
 
 
 def _signature(params: list[Tensor], vs: list[Tensor], lw: list[Tensor], lv: list[Tensor]) -> tuple:
