@@ -39,7 +39,8 @@ class RefGroup:
         self.v = self.w.copy()  # v = w_0, kept through burn-in
         self.k = self.reset0
 
-    def step(self, grad: np.ndarray, lr: float | None = None) -> None:
+    def step(self, grad: np.ndarray, lr: float | None = None, mu: float | None = None) -> None:
+        """One step; ``mu`` given: a constant momentum for this step instead of the ramp."""
         eta = self.lr if lr is None else lr
         g = grad + self.wd * self.w
         self.s += 1
@@ -47,7 +48,8 @@ class RefGroup:
             self.w = self.w - eta * g
             return
         t = self.s - self.burn_in
-        mu = min(max(1.0 - 1.0 / (1.0 + t / self.tau), self.mu_min), self.mu_max)
+        if mu is None:
+            mu = min(max(1.0 - 1.0 / (1.0 + t / self.tau), self.mu_min), self.mu_max)
         if t == self.next_reset:
             d = g
             self.m = -eta * d

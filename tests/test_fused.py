@@ -166,9 +166,7 @@ def test_native_step_sums_the_next_norm():
     shapes = [(300, 200), (7,), (50_001,)]
     w, grad, m, v = ([torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4))
     for phase in ("burn_in", "reset", "neumann"):
-        sq = _native.step(
-            w, grad, m, v, phase=phase, lr=0.1, momentum=0.7, coef=0.2, keep=0.01, weight_decay=0.001
-        )
+        sq = _native.step(w, grad, m, v, phase=phase, lr=0.1, momentum=0.7, coef=0.2, keep=0.01, weight_decay=0.001)
         assert sq == pytest.approx(sum(float(((a - b) ** 2).sum()) for a, b in zip(w, v, strict=True)), rel=1e-12)
         assert _native.squared_distance(w, v) == pytest.approx(sq, rel=1e-12)
 

@@ -40,3 +40,86 @@ def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     for c in commands:
         assert c in ci
+
+
+def _integration_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using it with Lightning, HF Trainer and Accelerate", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def _run_block(code: str, tmp_path, monkeypatch) -> tuple[dict, str]:
+    monkeypatch.chdir(tmp_path)  # a fresh directory, as a new user's script would write into
+    out = io.StringIO()
+    scope: dict = {"__name__": "__readme__"}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README-integration", "exec"), scope)
+    return scope, out.getvalue()
+
+
+def _accuracy(printed: str) -> float:
+    return float(re.search(r"accuracy at the evaluation weights: ([0-9.]+)", printed).group(1))
+
+
+def test_readme_has_the_three_integration_snippets():
+    blocks = _integration_blocks()
+    assert len(blocks) == 3
+    assert "EvaluationWeights()" in blocks[0] and "EvaluationWeightsCallback()" in blocks[1]
+    assert "accelerator.prepare" in blocks[2]
+
+
+def test_readme_lightning_snippet_trains_and_exports_evaluation_weights(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    import torch
+
+    scope, printed = _run_block(_integration_blocks()[0], tmp_path, monkeypatch)
+    assert _accuracy(printed) > 0.8  # chance is about 0.6
+    opt = scope["trainer"].optimizers[0]
+    assert not opt.training and opt.param_groups[0]["last_momentum"] > 0
+    saved = torch.load(tmp_path / "classifier.pt", weights_only=True)
+    for name, p in scope["model"].named_parameters():
+        w = opt.state[p]["train_param"]
+        assert torch.equal(saved[name], w - opt.param_groups[0]["last_momentum"] * opt.state[p]["m"])
+
+
+def test_readme_hf_snippet_trains_and_exports_evaluation_weights(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    scope, printed = _run_block(_integration_blocks()[1], tmp_path, monkeypatch)
+    metrics = eval(re.search(r"(\{.*'eval_loss'.*\})", printed).group(1))  # the printed dict
+    assert metrics["eval_loss"] < 0.45  # chance-level loss is about 0.67
+    opt = scope["opt"]
+    assert not opt.training
+    saved = load_file(str(tmp_path / "hf-out" / "final" / "model.safetensors"))
+    mu = opt.param_groups[0]["last_momentum"]
+    for name, p in scope["model"].named_parameters():
+        assert (saved[name] - (opt.state[p]["train_param"] - mu * opt.state[p]["m"])).abs().max() == 0
+
+
+def test_readme_hf_optimizer_cls_and_kwargs_works(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    code = _integration_blocks()[1].split("model = Classifier()")[0]
+    code += (
+        "model = Classifier()\n"
+        "trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,\n"
+        "    optimizer_cls_and_kwargs=(Neumann, {'lr': 0.1, 'steps_per_epoch': steps_per_epoch}),\n"
+        "    callbacks=[EvaluationWeightsCallback()])\n"
+        "trainer.train()\n"
+    )
+    assert "optimizer_cls_and_kwargs=(Neumann, {\"lr\": 0.1, \"steps_per_epoch\": steps_per_epoch})" in (
+        ROOT / "README.md"
+    ).read_text().replace("\n", " ")
+    scope, _ = _run_block(code, tmp_path, monkeypatch)
+    from neumann_optimizer import Neumann
+
+    opt = scope["trainer"].optimizer
+    inner = getattr(opt, "optimizer", opt)
+    assert isinstance(inner, Neumann) and not inner.training  # built by the Trainer, left at w - mu m
+
+
+def test_readme_accelerate_snippet_trains_and_saves_evaluation_weights(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    scope, printed = _run_block(_integration_blocks()[2], tmp_path, monkeypatch)
+    assert _accuracy(printed) > 0.8
+    assert not scope["opt"].optimizer.training

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +17,14 @@ pytest.importorskip("matplotlib")
 from neumann_optimizer.repro import runner as runner_mod
 from neumann_optimizer.repro.__main__ import main
 from neumann_optimizer.repro.tasks import load_cifar10, load_task, make_model
+from neumann_optimizer.repro.tuning import Protocol, lr_at, lr_index, summarize, tune
+
+
+def _no_training(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("trained although the results were cached")
+
+    monkeypatch.setattr(runner_mod, "run", refuse)
 
 
 def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
@@ -24,17 +34,35 @@ def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
     for name in ("Neumann", "SGD+Nesterov", "Adam", "RMSprop"):
         assert name in table
     res = json.loads((study / "results.json").read_text())
-    assert len(res["runs"]) == 2 * 4 * 3  # models x optimizers x lr grid
+    per_opt = {}
+    for r in res["runs"]:
+        per_opt.setdefault(r["config"]["optimizer"], set()).add(r["config"]["lr"])
+        assert r["train_size"] == 3600 and r["steps"] == 2 * r["steps_per_epoch"] == 2 * (3600 // 128)
+    assert set(per_opt) == {"neumann", "sgd", "adam", "rmsprop"}
+    assert all(3 <= len(lrs) <= 4 for lrs in per_opt.values())  # a 3-point grid, one extension at most
     assert all(len(r["history"]) == 2 for r in res["runs"] if not r["diverged"])
     assert (study / "test_error.png").stat().st_size > 1000
     assert "compare" in capsys.readouterr().out
+    assert not (tmp_path / "docs").exists()  # quick runs never write the committed results
+
+
+def test_batch_scaling_quick_has_every_optimizer(tmp_path):
+    assert main(["batch-scaling", "--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "batch-scaling" / "results.json").read_text())
+    opts = {(r["config"]["optimizer"], r["config"].get("regularizer_schedule")) for r in res["runs"]}
+    assert opts == {("neumann", None), ("neumann", "lr"), ("sgd", None), ("adamw", None), ("lars", None),
+                    ("lamb", None)}
+    assert {r["config"]["batch"] for r in res["runs"]} == {64, 256}
+    table = (tmp_path / "batch-scaling" / "table.md").read_text()
+    for label in ("LARS", "LAMB", "AdamW", "SGD+Nesterov", "Neumann"):
+        assert f"| {label} |" in table
 
 
 def test_finished_runs_are_cached_and_resumed(tmp_path, monkeypatch):
     args = ["compare", "--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]
     main(args)
     cached = sorted((tmp_path / "cache").glob("*.json"))
-    assert len(cached) == 24
+    assert len(cached) >= 12
     # an interrupted study: drop two results, then rerun: only those two are trained again
     cached[0].unlink()
     cached[1].unlink()
@@ -45,13 +73,97 @@ def test_finished_runs_are_cached_and_resumed(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def test_report_is_generated(tmp_path):
-    main(["compare", "--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
+def test_committed_results_are_a_cache_and_the_report_renders_them_without_training(tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    main(["compare", "--quick", "--epochs", "1", "--out", str(out), "--no-progress"])
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    payload = json.loads((out / "compare" / "results.json").read_text())
+    (results / "compare.json").write_text(json.dumps(payload))
+    shutil.rmtree(out)  # a fresh clone: no run cache, only the committed results
+    _no_training(monkeypatch)
     report = tmp_path / "docs" / "REPRODUCTION.md"
-    main(["report", "--quick", "--out", str(tmp_path), "--report", str(report), "--no-progress"])
+    main(["report", "--results", str(results), "--out", str(out), "--report", str(report), "--no-progress"])
     text = report.read_text()
-    assert "## compare (Table 2)" in text and "Verdict" in text and "Not run yet" in text
-    assert (tmp_path / "docs" / "img" / "compare-test_error.png").exists()
+    assert "## compare (Table 2)" in text and "Verdict (rule-based):** mlp-4k: Neumann" in text
+    assert "Tuning protocol" in text and "Not run yet" in text  # other studies have no results here
+    assert (tmp_path / "docs" / "img" / "compare-test_error.png").stat().st_size > 1000
+    # the study itself reruns from the committed runs, without training either
+    main(["compare", "--quick", "--epochs", "1", "--out", str(out), "--results", str(results), "--no-progress"])
+    assert json.loads((out / "compare" / "results.json").read_text())["runs"] == payload["runs"]
+
+
+class _SyntheticRunner:
+    """Runs nothing: the validation error of a config is a bowl in log10(lr) with its bottom at
+    ``best`` (checks the protocol's logic, not training)."""
+
+    def __init__(self, best: float) -> None:
+        self.best, self.seen = best, []
+
+    def run_all(self, configs, desc=""):
+        out = []
+        for c in configs:
+            self.seen.append(c)
+            err = 10 + (math.log10(c["lr"]) - math.log10(self.best)) ** 2 + 0.01 * c["seed"]
+            h = [dict(val_error=err, test_error=err + 1)]
+            out.append(dict(config=c, history=h, diverged=False, steps=1, seconds=0.0))
+        return out
+
+
+@pytest.mark.parametrize(("best", "centre"), [(1e-4, 0.1), (30.0, 0.1), (0.1, 0.1)])
+def test_tuning_extends_the_grid_until_the_choice_is_inside(best, centre):
+    fake = _SyntheticRunner(best)
+    protocol = Protocol(points=5, tune_seeds=2, final_seeds=3, max_extensions=8)
+    runs = tune(fake, {"cell": ({"optimizer": "x"}, centre)}, protocol, "t")["cell"]
+    row = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
+    assert row["lr"] == pytest.approx(best) and row["interior"]
+    assert min(row["tried"]) < best < max(row["tried"])
+    assert row["seeds"] == 3 and row["trials"] == 2 * len(row["tried"])
+    b, c = lr_index(best), lr_index(centre)  # one rate past the best, never more
+    assert len(row["tried"]) == max(c + 2, b + 1) - min(c - 2, b - 1) + 1
+    # the grid is one log grid for everyone: 1-3-10 per decade
+    assert all(lr_at(lr_index(lr)) == lr for lr in row["tried"])
+
+
+def test_tuning_stops_at_the_extension_cap_and_says_so():
+    fake = _SyntheticRunner(1e-9)
+    runs = tune(fake, {"c": ({}, 1.0)}, Protocol(points=3, tune_seeds=1, final_seeds=1, max_extensions=2), "t")["c"]
+    row = summarize(runs, 1, 1)
+    assert len(row["tried"]) == 5 and not row["interior"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--epochs", "-3"], "--epochs must be a positive"),
+        (["compare", "--epochs", "0"], "--epochs must be a positive"),
+        (["compare", "--seeds", "0"], "--seeds must be at least 1"),
+        (["compare", "--device", "cuda"], "no CUDA device"),
+        (["compare", "--device", "nonsense"], "not a device torch knows"),
+        (["compare", "--task", "cifar10"], "needs --data-dir"),
+        (["compare", "--task", "imagenet"], "unknown"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    if "cuda" in argv:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine and CI
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("neumann-repro: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "cache").exists()  # rejected before any work
+
+
+def test_data_dir_without_cifar10_files_is_rejected(capsys, tmp_path):
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--task", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("neumann-repro: error: --data-dir") and "data_batch_2" in err and "test_batch" in err
 
 
 def test_mnist1d_loader_is_offline_and_split(tmp_path):

@@ -8,6 +8,10 @@ and ``v``. Inductor's CPU code for such a graph stages ``v`` in a temporary and 
 The library is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``)
 and OpenMP, for the host CPU (``-march=native``), once per source, compiler and CPU, into
 ``$NEUMANN_OPTIMIZER_CACHE`` (default ``~/.cache/neumann_optimizer``); it takes about a second.
+A cache directory is used only if it is this user's alone (created 0700; not writable by group
+or others), and a cached library is loaded only if this user owns it and no one else can write
+it; otherwise the kernel is compiled into a fresh private temporary directory (nothing planted
+by another user on a shared machine is ever loaded).
 Where that fails (no compiler, no OpenMP), :func:`library` returns ``None`` and the optimizer
 uses its torch.compile'd path. ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the kernel off.
 
@@ -17,11 +21,13 @@ and torch share one thread pool; it uses ``torch.get_num_threads()`` threads.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "all_finite", "available", "library", "squared_distance", "step", "supports", "unavailable_reason"]
+__all__ = [
+    "DTYPES",
+    "all_finite",
+    "available",
+    "library",
+    "library_path",
+    "squared_distance",
+    "step",
+    "supports",
+    "unavailable_reason",
+]
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 PHASE_CODES = {"burn_in": 0, "reset": 1, "neumann": 2}
@@ -46,6 +62,7 @@ _FLAG_SETS = (
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_path: Path | None = None
 _tried = False
 _reason = ""
 
@@ -77,43 +94,99 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _writable_cache_dir() -> Path:
-    """The cache directory, or one under the temporary directory where it cannot be created."""
-    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"neumann_optimizer-{os.getuid()}"):
+def _uid() -> int:
+    return os.getuid()
+
+
+def _is_private_dir(d: Path) -> bool:
+    """``d`` is a real directory (no symlink) owned by this user, writable by no one else, in a
+    parent that no other user can swap it out of (not writable by others, or sticky as /tmp)."""
+    try:
+        st, parent = os.lstat(d), os.stat(d.parent)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != _uid() or st.st_mode & 0o022:
+        return False
+    return not (parent.st_mode & 0o022) or bool(parent.st_mode & stat.S_ISVTX) or parent.st_uid == _uid()
+
+
+def _is_trusted_file(f: Path) -> bool:
+    """``f`` is a regular file (no symlink) owned by this user and writable by no one else."""
+    try:
+        st = os.lstat(f)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == _uid() and not st.st_mode & 0o022
+
+
+def _private_cache_dir() -> Path | None:
+    """The cache directory (created 0700), or one under the temporary directory, if private to this
+    user (:func:`_is_private_dir`); ``None`` if neither is: then nothing is cached or loaded from
+    there. A directory someone else created or can write could hold a planted library."""
+    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"neumann_optimizer-{_uid()}"):
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK):
-                return d
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
             continue
-    raise RuntimeError(f"no writable cache directory ({_cache_dir()})")
+        if _is_private_dir(d):
+            return d
+    return None
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> str:
+    """Compile the kernel to ``out`` (mode 0700); return the compiler's complaint, '' on success."""
+    proc = subprocess.run(
+        [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-400:]}"
+    os.chmod(out, 0o700)
+    return ""
 
 
 def _build(cc: str, source: bytes) -> Path:
+    """The compiled kernel: from the private cache if a trusted copy is there, else compiled into it,
+    else (no private cache, or an untrusted file where the cached one would be) compiled into a
+    fresh private temporary directory."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    cache = _writable_cache_dir()
+    cache = _private_cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         parts = [source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
-        key = hashlib.sha256(b"\0".join(parts))
-        target = cache / f"neumann_kernel_{key.hexdigest()[:20]}.so"
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            proc = subprocess.run(
-                [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=False
-            )
-            if proc.returncode == 0:
-                os.replace(out, target)  # atomic: concurrent processes (torchrun ranks) may race here
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+        name = f"neumann_kernel_{key}.so"
+        if cache is not None:
+            target = cache / name
+            if _is_trusted_file(target):
                 return target
-            errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip()[-400:]}")
+            if not os.path.lexists(target):
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    out = Path(tmp) / name
+                    err = _compile(cc, flags, out)
+                    if not err:
+                        os.replace(out, target)  # atomic: concurrent processes (torchrun ranks) may race
+                        return target
+                    errors.append(err)
+                    continue
+        private = Path(tempfile.mkdtemp(prefix="neumann_optimizer-"))  # 0700, ours alone
+        atexit.register(shutil.rmtree, private, True)
+        out = private / name
+        err = _compile(cc, flags, out)
+        if not err:
+            return out
+        errors.append(err)
     raise RuntimeError("; ".join(errors))
+
+
+def library_path() -> Path | None:
+    """Where the loaded kernel library lies (``None`` if none is loaded)."""
+    library()
+    return _path
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, compiling it on the first call; ``None`` where unavailable."""
-    global _lib, _tried, _reason
+    global _lib, _path, _tried, _reason
     if _tried:
         return _lib
     with _lock:
@@ -127,7 +200,8 @@ def library() -> ctypes.CDLL | None:
             cc = _compiler()
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC)")
-            lib = ctypes.CDLL(str(_build(cc, _SOURCE.read_bytes())))
+            path = _build(cc, _SOURCE.read_bytes())
+            lib = ctypes.CDLL(str(path))
             ptrs, i64p = ctypes.c_void_p, ctypes.c_void_p  # arrays of data pointers / of sizes
             for suffix in DTYPES.values():
                 fn = getattr(lib, f"neumann_step_{suffix}")
@@ -140,10 +214,10 @@ def library() -> ctypes.CDLL | None:
                 fn = getattr(lib, f"neumann_all_finite_{suffix}")
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_int64, ptrs, i64p, ctypes.c_int]
-            _lib = lib
+            _lib, _path = lib, path
         except Exception as exc:  # any failure: the caller uses the torch.compile'd path
             _reason = f"{type(exc).__name__}: {exc}"
-            _lib = None
+            _lib, _path = None, None
         _tried = True
         return _lib
 

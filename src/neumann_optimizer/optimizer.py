@@ -32,7 +32,9 @@ _COUNTERS = {
     "last_momentum": 0.0,  # mu of the last applied step (evaluation weights w - mu m)
     "skipped_steps": 0,  # steps skipped for a non-finite gradient
     "train_mode": True,  # False between eval() and train()
+    "eval_shift": 0.0,  # mu subtracted in place by eval(evaluation="in_place"); train() adds it back
 }
+_EVALUATION_MODES = ("exact", "in_place")
 
 
 def _resolve_steps(name: str, given: float | None, epochs: int, steps_per_epoch: int | None) -> float:
@@ -72,17 +74,25 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_float("reset_growth", group["reset_growth"], 0.0, open_low=True)
     _check_float("momentum_ramp_steps", group["momentum_ramp_steps"], 0.0, open_low=True)
     mom = group["momentum"]
-    if not (isinstance(mom, (tuple, list)) and len(mom) == 2):
-        raise ValueError(f"Neumann: momentum must be a pair (mu_min, mu_max), got {mom!r}")
-    _check_float("momentum[0] (mu_min)", mom[0], 0.0, 1.0)
-    _check_float("momentum[1] (mu_max)", mom[1], 0.0, 1.0)
-    if mom[0] > mom[1]:
-        raise ValueError(f"Neumann: momentum must satisfy mu_min <= mu_max, got {tuple(mom)!r}")
-    group["momentum"] = tuple(float(x) for x in mom)
+    if isinstance(mom, (tuple, list)):
+        if len(mom) != 2:
+            raise ValueError(f"Neumann: momentum must be a pair (mu_min, mu_max) or a number, got {mom!r}")
+        _check_float("momentum[0] (mu_min)", mom[0], 0.0, 1.0)
+        _check_float("momentum[1] (mu_max)", mom[1], 0.0, 1.0)
+        if mom[0] > mom[1]:
+            raise ValueError(f"Neumann: momentum must satisfy mu_min <= mu_max, got {tuple(mom)!r}")
+        group["momentum"] = tuple(float(x) for x in mom)
+    else:
+        if isinstance(mom, Tensor):
+            raise ValueError("Neumann: momentum must be a pair (mu_min, mu_max) or a Python number, got a tensor")
+        _check_float("momentum", mom, 0.0, 1.0)
+        group["momentum"] = float(mom)
     _check_float("cubic_weight", group["cubic_weight"], 0.0)
     _check_float("repulsive_weight", group["repulsive_weight"], 0.0)
     _check_float("ema_decay", group["ema_decay"], 0.0, 1.0)
     _check_float("weight_decay", group["weight_decay"], 0.0)
+    if group.get("evaluation", "exact") not in _EVALUATION_MODES:
+        raise ValueError(f"Neumann: evaluation must be one of {_EVALUATION_MODES}, got {group['evaluation']!r}")
     if group["regularizer_schedule"] not in ("constant", "lr"):
         raise ValueError(
             f"Neumann: regularizer_schedule must be 'constant' or 'lr', got {group['regularizer_schedule']!r}"
@@ -126,8 +136,12 @@ class Neumann(Optimizer):
         burn_in_steps: ``B``, steps of plain SGD before the Neumann phase.
         reset_steps: ``K_0``, Neumann-phase steps between the first two iterate resets.
         reset_growth: factor by which the reset interval grows after every reset (2: doubling).
-        momentum: ``(mu_min, mu_max)``; equal values give a constant momentum.
-        momentum_ramp_steps: ``tau`` of the momentum ramp.
+        momentum: ``(mu_min, mu_max)``, the paper's ramp (equal values give a constant momentum),
+            or one number ``mu``: a constant momentum for the Neumann phase (burn-in stays plain
+            SGD). A scheduler that writes ``param_group["momentum"]`` (``OneCycleLR`` and
+            ``CyclicLR`` with ``cycle_momentum=True``) thereby sets the ``mu`` of the next step;
+            ``param_group["last_momentum"]`` reports the ``mu`` the last step used.
+        momentum_ramp_steps: ``tau`` of the momentum ramp (unused with a constant momentum).
         cubic_weight: ``alpha``, weight of the cubic regularizer ``alpha/3 ||w - v||^3``.
         repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``.
         ema_decay: ``gamma``, decay of the moving average ``v`` of the weights.
@@ -140,6 +154,13 @@ class Neumann(Optimizer):
             weights and state untouched, warns and counts the step in
             ``param_groups[i]["skipped_steps"]``; ``"raise"`` raises naming the parameter;
             ``"ignore"`` does no check (fastest, no host synchronisation).
+        evaluation: how :meth:`eval` switches to ``w - mu m``. ``"exact"`` (default) keeps a copy of
+            the training weights (+1x parameter memory while in eval mode) and :meth:`train`
+            restores them bit for bit, so evaluating never changes a training run. ``"in_place"``
+            keeps no copy: ``eval`` subtracts ``mu m`` and ``train`` adds it back, which restores
+            ``w`` to within float rounding (one rounding per switch; training is then no longer
+            bit-identical to a run without evaluations). For models whose weights do not fit
+            twice in memory.
         foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
             all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
         fused: one pass over the tensors per step. On CPU (float32 or float64, contiguous) a small C
@@ -169,7 +190,7 @@ class Neumann(Optimizer):
         burn_in_steps: int | None = None,
         reset_steps: int | None = None,
         reset_growth: float = 2.0,
-        momentum: tuple[float, float] = (0.5, 0.9),
+        momentum: tuple[float, float] | float = (0.5, 0.9),
         momentum_ramp_steps: float | None = None,
         cubic_weight: float = 1e-7,
         repulsive_weight: float = 1e-5,
@@ -177,6 +198,7 @@ class Neumann(Optimizer):
         weight_decay: float = 0.0,
         regularizer_schedule: str = "constant",
         nonfinite: str = "skip",
+        evaluation: str = "exact",
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -207,6 +229,7 @@ class Neumann(Optimizer):
             weight_decay=weight_decay,
             regularizer_schedule=regularizer_schedule,
             nonfinite=nonfinite,
+            evaluation=evaluation,
             foreach=foreach,
             fused=fused,
         )
@@ -243,6 +266,7 @@ class Neumann(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("regularizer_schedule", "constant")
+            group.setdefault("evaluation", "exact")
             group.setdefault("reference_lr", float(group["lr"]))
             for key, default in _COUNTERS.items():
                 group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
@@ -510,37 +534,59 @@ class Neumann(Optimizer):
     def eval(self) -> None:
         """Switch the parameters to the evaluation weights ``w - mu m`` (idempotent).
 
-        The training weights are kept aside and :meth:`train` restores them bit for bit.
-        With BatchNorm, recompute the running statistics afterwards
-        (``torch.optim.swa_utils.update_bn``).
+        With ``evaluation="exact"`` (default) the training weights are kept aside and
+        :meth:`train` restores them bit for bit; with ``evaluation="in_place"`` nothing is copied
+        and :meth:`train` adds ``mu m`` back (within float rounding). With BatchNorm, recompute
+        the running statistics afterwards (``torch.optim.swa_utils.update_bn``).
         """
         for group in self.param_groups:
             if not group["train_mode"]:
                 continue
             mu = group["last_momentum"]
+            exact = group["evaluation"] == "exact"
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state or "m" not in state:
                     continue
-                state["train_param"] = p.detach().clone(memory_format=torch.preserve_format)
+                if exact:
+                    state["train_param"] = p.detach().clone(memory_format=torch.preserve_format)
                 if mu != 0.0:
                     p.add_(state["m"], alpha=-mu)
+            group["eval_shift"] = 0.0 if exact else mu
             group["train_mode"] = False
 
     @torch.no_grad()
     def train(self, mode: bool = True) -> None:
-        """Restore the training weights kept by :meth:`eval`, bit for bit (idempotent)."""
+        """Back to the training weights: restored bit for bit from the copy :meth:`eval` kept, or
+        (``evaluation="in_place"``) by adding ``mu m`` back. Idempotent."""
         if not mode:
             self.eval()
             return
         for group in self.param_groups:
             if group["train_mode"]:
                 continue
+            shift = group["eval_shift"]
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and "train_param" in state:
+                if not state:
+                    continue
+                if "train_param" in state:
                     p.copy_(state.pop("train_param"))
+                elif shift != 0.0 and "m" in state:
+                    p.add_(state["m"], alpha=shift)
+            group["eval_shift"] = 0.0
             group["train_mode"] = True
+
+    @torch.no_grad()
+    def _adopt_evaluation_weights(self) -> None:
+        """Declare the parameters' current values the evaluation weights and forget the training
+        weights (eval mode; :meth:`train` then leaves the parameters as they are). For callers that
+        loaded evaluation weights into the model themselves (HF ``load_best_model_at_end``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state.get(p, {}).pop("train_param", None)
+            group["eval_shift"] = 0.0
+            group["train_mode"] = False
 
     @torch.no_grad()
     def evaluation_weights(self) -> dict[Tensor, Tensor]:
@@ -553,7 +599,7 @@ class Neumann(Optimizer):
             mu = group["last_momentum"]
             for p in group["params"]:
                 state = self.state.get(p, {})
-                if "train_param" in state or "m" not in state:
+                if not group["train_mode"] or "m" not in state:
                     out[p] = p.detach().clone()  # eval mode: p already holds w - mu m
                 else:
                     out[p] = p.detach().clone().add_(state["m"], alpha=-mu)

@@ -49,9 +49,26 @@ def plan_step(applied_steps: int, burn_in_steps: int, next_reset: int, group: di
     if s <= burn_in_steps:
         return StepPlan(Phase.BURN_IN, 0.0, 0)
     t = s - burn_in_steps
-    mu_min, mu_max = group["momentum"]
-    mu = momentum_at(t, group["momentum_ramp_steps"], mu_min, mu_max)
+    mom = group["momentum"]
+    if isinstance(mom, (tuple, list)):
+        mu = momentum_at(t, group["momentum_ramp_steps"], mom[0], mom[1])
+    else:  # a constant, e.g. written every step by a momentum-cycling scheduler (OneCycleLR, CyclicLR)
+        mu = constant_momentum(mom)
     return StepPlan(Phase.RESET if t == next_reset else Phase.NEUMANN, mu, t)
+
+
+def constant_momentum(mom: object) -> float:
+    """A group's ``momentum`` given as one number: checked to be a finite float in [0, 1]."""
+    try:
+        mu = float(mom)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        mu = math.nan
+    if isinstance(mom, bool) or not (0.0 <= mu <= 1.0):
+        raise ValueError(
+            f"Neumann: momentum must be a pair (mu_min, mu_max) or a number in [0, 1], got {mom!r} "
+            "(a scheduler that cycles momentum writes param_group['momentum'])"
+        )
+    return mu
 
 
 def reset_steps_until(t_max: int, first_interval: int, growth: float) -> list[int]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from ..diagnostics import hessian_eigenvalues
 from ..optimizer import Neumann
 from .runner import Runner
-from .studies import Settings, _plt
+from .studies import Settings, _plt, finish, save_figure
 from .train import _batch_loss, lr_factor
 
 
@@ -31,21 +31,24 @@ def curvature(runner: Runner, s: Settings) -> str:
         lanczos_iterations=10,
         estimates_per_epoch=per_epoch,
     )
-    study_dir = runner.out / "curvature"
-    study_dir.mkdir(parents=True, exist_ok=True)
-    cache = study_dir / "results.json"
-    if cache.exists() and json.loads(cache.read_text()).get("config") == cfg:
-        points = json.loads(cache.read_text())["points"]
-        seconds = json.loads(cache.read_text())["seconds"]
+    known = runner.known_payload("curvature")
+    if known is not None and known.get("config") == cfg:
+        points, seconds = known["points"], known["seconds"]
     else:
         points, seconds = _trace(runner, cfg)
-        cache.write_text(json.dumps({"config": cfg, "points": points, "seconds": seconds}, indent=1))
+    payload = dict(study="curvature", config=cfg, points=points, seconds=seconds)
+    return finish(runner, s, payload)
+
+
+def render_curvature(payload: dict[str, Any], out_dir: Path) -> tuple[str, dict[str, Any]]:
+    cfg, points, seconds = payload["config"], payload["points"], payload["seconds"]
     lines = [
         "# curvature: mini-batch Hessian eigenvalues along training (paper Figure 4)\n",
-        f"{cfg['task']}, CNN with BatchNorm, Neumann lr {cfg['lr']} (cosine), batch 128, {epochs} epochs; "
-        f"{per_epoch} estimates per epoch on the current mini-batch, 10 Lanczos iterations each "
-        f"(lambda_min: the smaller of the plain and the shifted estimate). {seconds:.0f} s in all.\n",
-        "Per epoch: the mean of that epoch's estimates (all of them are in results.json and the plot).\n",
+        f"{cfg['task']}, CNN with BatchNorm, Neumann lr {cfg['lr']} (cosine), batch {cfg['batch']}, "
+        f"{cfg['epochs']} epochs; {cfg['estimates_per_epoch']} estimates per epoch on the current mini-batch, "
+        f"{cfg['lanczos_iterations']} Lanczos iterations each (lambda_min: the smaller of the plain and the "
+        f"shifted estimate). {seconds:.0f} s in all.\n",
+        "Per epoch: the mean of that epoch's estimates (all of them are in the results file and the plot).\n",
         "| epoch | lambda_min | lambda_max | lambda_max / (abs(lambda_min) + lambda_max) |",
         "|---|---|---|---|",
     ]
@@ -66,12 +69,8 @@ def curvature(runner: Runner, s: Settings) -> str:
     axes[1].set_yscale("symlog", linthresh=0.01)
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set(title="lambda_min of the mini-batch Hessian", xlabel="epoch")
-    fig.tight_layout()
-    fig.savefig(study_dir / "curvature.png", dpi=110)
-    plt.close(fig)
-    table = "\n".join(lines) + "\n"
-    (study_dir / "table.md").write_text(table)
-    return table
+    save_figure(fig, out_dir / "curvature.png")
+    return "\n".join(lines) + "\n", {}
 
 
 def _trace(runner: Runner, cfg: dict[str, Any]) -> tuple[list[dict[str, float]], float]:

@@ -7,7 +7,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,23 @@ def config_key(cfg: dict[str, Any]) -> str:
 
 
 class Runner:
-    """Runs configs, caching each finished run as ``OUT/cache/<key>.json`` (resumable)."""
+    """Runs configs, caching each finished run as ``OUT/cache/<key>.json`` (resumable).
 
-    def __init__(self, out: Path, device: str = "cpu", data_dir: Path | None = None, progress: bool = True):
+    Runs already in a committed results file (``results_dir/STUDY.json``, as ``neumann-repro`` writes
+    them) count as cached too: a fresh clone re-renders the documented studies without training.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        device: str = "cpu",
+        data_dir: Path | None = None,
+        progress: bool = True,
+        results_dir: Path | None = None,
+    ):
         self.out = Path(out)
+        self.results_dir = Path(results_dir) if results_dir is not None else None
+        self._known: dict[str, dict[str, Any]] | None = None
         self.device = torch.device(device)
         self.data_dir = data_dir
         self.progress = progress
@@ -40,13 +53,34 @@ class Runner:
             self._data[task] = load_task(task, self.out / "data", self.data_dir)
         return self._data[task]
 
+    def known_payload(self, study: str) -> dict[str, Any] | None:
+        """The committed results file of ``study``, if there is one."""
+        if self.results_dir is None:
+            return None
+        path = self.results_dir / f"{study}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _committed_runs(self) -> dict[str, dict[str, Any]]:
+        if self._known is None:
+            self._known = {}
+            if self.results_dir is not None and self.results_dir.is_dir():
+                for path in sorted(self.results_dir.glob("*.json")):
+                    for r in json.loads(path.read_text()).get("runs", []):
+                        rec = {k: v for k, v in r.items() if k != "cell"}
+                        self._known[config_key(rec["config"])] = rec
+        return self._known
+
     def run_all(self, configs: list[dict[str, Any]], desc: str = "runs") -> list[dict[str, Any]]:
         results: list[dict[str, Any] | None] = []
         todo = []
+        known = self._committed_runs()
         for cfg in configs:
-            path = self.cache_dir / f"{config_key(cfg)}.json"
+            key = config_key(cfg)
+            path = self.cache_dir / f"{key}.json"
             if path.exists():
                 results.append(json.loads(path.read_text()))
+            elif key in known:
+                results.append(known[key])
             else:
                 results.append(None)
                 todo.append((len(results) - 1, cfg, path))
@@ -101,13 +135,6 @@ def by(results: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, 
     for r in results:
         out[tuple(r["config"].get(k) for k in keys)].append(r)
     return dict(out)
-
-
-def tune_lr(results: list[dict[str, Any]], score: Callable[[dict[str, Any]], float] | None = None) -> float:
-    """The learning rate with the lowest mean final validation error over seeds."""
-    score = score or (lambda r: final(r, "val_error"))
-    per_lr = by(results, "lr")
-    return min(per_lr, key=lambda k: (mean_std(score(r) for r in per_lr[k])[0], k[0]))[0]
 
 
 def mean_curve(results: list[dict[str, Any]], metric: str = "test_error") -> list[float]:

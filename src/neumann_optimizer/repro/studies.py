@@ -1,35 +1,44 @@
-"""The paper's studies at small scale (SPEC section 6). Each writes results.json, table.md, PNGs."""
+"""The paper's studies at small scale (SPEC section 6).
+
+A study is two functions: one that trains (through the runner's cache) and returns a *payload*
+(``{"study", "meta", "runs"}``, the data), and a renderer that turns a payload into a table and
+plots without training. ``neumann-repro report`` runs only the renderers, on the committed payloads
+in ``docs/results/``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runner import Runner, by, epochs_to_reach, final, fmt, mean_curve, mean_std, tune_lr
+from .runner import Runner, by, epochs_to_reach, final, fmt, mean_curve, mean_std
+from .tuning import Protocol, summarize, tune
 
-# Same-size learning-rate grids (log-spaced, factor ~3) for every optimizer.
-LR_GRIDS = {
-    "neumann": [0.01, 0.03, 0.1, 0.3, 1.0],
-    "sgd": [0.01, 0.03, 0.1, 0.3, 1.0],
-    "adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-    "rmsprop": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-}
-LR_GRIDS_EXTRA = {"neumann-adaptive": LR_GRIDS["neumann"]}  # our extension, full mode only
 LABELS = {
     "neumann": "Neumann",
+    "neumann-lr": "Neumann, regularizers scaled with lr (ours)",
+    "neumann-adaptive": "Neumann, adaptive mu (ours)",
     "sgd": "SGD+Nesterov",
     "adam": "Adam",
+    "adamw": "AdamW",
     "rmsprop": "RMSprop",
-    "neumann-adaptive": "Neumann, adaptive mu (ours)",
+    "lars": "LARS",
+    "lamb": "LAMB",
 }
+BASELINES = ("sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
+
+Payload = dict[str, Any]
+Rendered = tuple[str, dict[str, Any]]  # (markdown table, summary the verdict reads)
 
 
 @dataclass
 class Settings:
     quick: bool
-    seeds: int
+    seeds: int | None = None  # final seeds at the chosen setting; None: the study's default
     task4k: str = "mnist1d-4k"
     task80k: str = "mnist1d-80k"
     epochs: int | None = None  # overrides every study's epoch budget (tests, smoke runs)
@@ -37,43 +46,19 @@ class Settings:
     def budget(self, quick: int, full: int) -> int:
         return self.epochs if self.epochs is not None else (quick if self.quick else full)
 
+    def n_seeds(self, quick: int, full: int) -> int:
+        return self.seeds if self.seeds is not None else (quick if self.quick else full)
 
-def grid(opt: str, quick: bool) -> list[float]:
-    g = {**LR_GRIDS, **LR_GRIDS_EXTRA}[opt]
-    return g[1:4] if quick else g
+    @property
+    def is_full(self) -> bool:
+        """The documented settings: what ``docs/results/`` holds."""
+        return not self.quick and self.epochs is None
 
 
 def base_cfg(**kw: Any) -> dict[str, Any]:
-    cfg = dict(warmup_epochs=0)
+    cfg: dict[str, Any] = dict(warmup_epochs=0)
     cfg.update(kw)
     return cfg
-
-
-def write(study_dir: Path, results: list[dict[str, Any]], table: str, extra: dict[str, Any] | None = None) -> None:
-    study_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"runs": results, **(extra or {})}
-    (study_dir / "results.json").write_text(json.dumps(payload, indent=1))
-    (study_dir / "table.md").write_text(table)
-
-
-def finish(
-    runner: Runner,
-    study: str,
-    fig: Any,
-    png: str,
-    lines: list[str],
-    results: list[dict[str, Any]],
-    summary: dict[str, Any],
-) -> str:
-    """Save the study's figure, table and results; return the table."""
-    study_dir = runner.out / study
-    study_dir.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(study_dir / png, dpi=110)
-    _plt().close(fig)
-    table = "\n".join(lines) + "\n"
-    write(study_dir, results, table, {"summary": summary})
-    return table
 
 
 def _plt():
@@ -85,131 +70,247 @@ def _plt():
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def finish(runner: Runner, s: Settings, payload: Payload) -> str:
+    """Render the payload into ``OUT/STUDY`` (results.json, table.md, PNGs); with the documented
+    settings also write it to the runner's results directory (``docs/results/STUDY.json``)."""
+    study = payload["study"]
+    study_dir = runner.out / study
+    study_dir.mkdir(parents=True, exist_ok=True)
+    table, summary = renderers()[study](payload, study_dir)
+    (study_dir / "results.json").write_text(json.dumps({**payload, "summary": summary}, indent=1))
+    (study_dir / "table.md").write_text(table)
+    if s.is_full and runner.results_dir is not None:
+        runner.results_dir.mkdir(parents=True, exist_ok=True)
+        (runner.results_dir / f"{study}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return table
+
+
+def _lr_range(tried: list[float]) -> str:
+    return f"{len(tried)}: {min(tried):g}-{max(tried):g}"
+
+
 # ---------------------------------------------------------------- compare (Table 2)
+# (task, model, batch, full epoch budget); quick mode runs the first task only.
+COMPARE_TASKS: dict[str, tuple[str, str, int, int]] = {
+    "mlp-4k": ("mnist1d-4k", "mlp", 128, 40),
+    "mlp-36k": ("mnist1d-36k", "mlp", 128, 30),
+}
+COMPARE_CENTRES = {"neumann": 0.3, "sgd": 0.3, "adam": 1e-2, "rmsprop": 1e-2, "neumann-adaptive": 0.3}
+
+
 def compare(runner: Runner, s: Settings) -> str:
-    models = ["mlp", "cnn"]
-    epochs = s.budget(20, 40)
-    optimizers = [*LR_GRIDS] if s.quick else [*LR_GRIDS, *LR_GRIDS_EXTRA]
-    configs = [
-        base_cfg(task=s.task4k, model=model, optimizer=opt, lr=lr, batch=128, epochs=epochs, seed=seed)
-        for model in models
-        for opt in optimizers
-        for lr in grid(opt, s.quick)
-        for seed in range(s.seeds)
-    ]
-    results = runner.run_all(configs, "compare")
+    tasks = dict(list(COMPARE_TASKS.items())[:1]) if s.quick else COMPARE_TASKS
+    optimizers = [o for o in COMPARE_CENTRES if not (s.quick and o == "neumann-adaptive")]
+    protocol = (
+        Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 5), max_extensions=1)
+        if s.quick
+        else Protocol(points=5, tune_seeds=2, final_seeds=s.n_seeds(1, 5), max_extensions=6)
+    )
+    meta_tasks = {}
+    cells: dict[str, tuple[dict[str, Any], float]] = {}
+    for name, (task, model, batch, full_epochs) in tasks.items():
+        epochs = s.budget(20, full_epochs)
+        meta_tasks[name] = dict(task=task, model=model, batch=batch, epochs=epochs)
+        for opt in optimizers:
+            cfg = base_cfg(task=task, model=model, optimizer=opt, batch=batch, epochs=epochs)
+            cells[f"{name}/{opt}"] = (cfg, COMPARE_CENTRES[opt])
+    runs = tune(runner, cells, protocol, "compare")
+    payload = dict(
+        study="compare",
+        meta=dict(tasks=meta_tasks, optimizers=optimizers, protocol=protocol.as_dict()),
+        runs=[r for cell in runs.values() for r in cell],
+    )
+    return finish(runner, s, payload)
+
+
+def render_compare(payload: Payload, out_dir: Path) -> Rendered:
+    meta, protocol = payload["meta"], Protocol(**payload["meta"]["protocol"])
+    cells = _cells(payload["runs"])
     lines = [
         "# compare: fixed batch size (paper Table 2)\n",
-        f"MNIST-1D 4k, batch 128, {epochs} epochs, cosine decay to 0, {s.seeds} seed(s); learning rate "
-        "tuned per optimizer on the validation split over a "
-        f"{len(grid('sgd', s.quick))}-point grid; test error (%) at the tuned rate. 'epochs to target': first "
-        "epoch whose mean test error is at or below the best baseline's final mean test error.\n",
+        "Learning rate tuned per optimizer by the tuning protocol (a "
+        f"{protocol.points}-point start, {protocol.tune_seeds} tuning seed(s) per rate, extended until the "
+        f"chosen rate is inside the rates tried), then {protocol.final_seeds} seeds at the chosen rate; test "
+        "error (%) of those seeds, mean ± std. Cosine decay to 0, no warmup. 'epochs to target': first epoch "
+        "whose mean test error is at or below the best baseline's final mean test error.\n",
     ]
     summary: dict[str, Any] = {}
     plt = _plt()
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        rows: dict[str, dict[str, Any]] = {}
-        for opt in optimizers:
-            runs = [r for r in results if r["config"]["model"] == model and r["config"]["optimizer"] == opt]
-            lr = tune_lr(runs)
-            best = [r for r in runs if r["config"]["lr"] == lr]
-            rows[opt] = dict(lr=lr, runs=best, final=mean_std(final(r) for r in best), curve=mean_curve(best))
-        target = min(rows[o]["final"][0] for o in ("sgd", "adam", "rmsprop"))
+    tasks = meta["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, (name, t) in zip(axes[0], tasks.items(), strict=True):
+        rows = {}
+        for opt in meta["optimizers"]:
+            runs = cells.get(f"{name}/{opt}", [])
+            if not runs:
+                continue
+            row = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
+            at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
+            row["curve"] = mean_curve(at)
+            row["seconds"] = mean_std(r["seconds"] for r in at)[0]
+            rows[opt] = row
+        base = [rows[o]["test_mean"] for o in rows if o in BASELINES]
+        target = min(base) if base else math.nan
         lines += [
-            f"\n## {model}\n",
-            "| optimizer | tuned lr | final test error % | epochs to target | s per run |",
-            "|---|---|---|---|---|",
+            f"\n## {name}: {t['model']} on {t['task']}, batch {t['batch']}, {t['epochs']} epochs\n",
+            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target | s per run |",
+            "|---|---|---|---|---|---|---|",
         ]
         for opt, row in rows.items():
             e = epochs_to_reach(row["curve"], target)
-            secs = mean_std(r["seconds"] for r in row["runs"])[0]
             lines.append(
-                f"| {LABELS[opt]} | {row['lr']:g} | {fmt(*row['final'])} | {e if e else '—'} / {epochs} | {secs:.1f} |"
+                f"| {LABELS[opt]} | {row['lr']:g} | {_lr_range(row['tried'])} | {'yes' if row['interior'] else 'NO'} | "
+                f"{fmt(row['test_mean'], row['test_std'])} | {e if e else '—'} / {t['epochs']} | {row['seconds']:.1f} |"
             )
             ax.plot(range(1, len(row["curve"]) + 1), row["curve"], label=f"{LABELS[opt]} (lr {row['lr']:g})")
-            summary[f"{model}/{opt}"] = dict(
-                lr=row["lr"], final_mean=row["final"][0], final_std=row["final"][1], epochs_to_target=e
+            summary[f"{name}/{opt}"] = dict(
+                lr=row["lr"],
+                final_mean=row["test_mean"],
+                final_std=row["test_std"],
+                seeds=row["seeds"],
+                interior=row["interior"],
+                epochs_to_target=e,
             )
         lines.append(f"\nTarget (best baseline final mean): {target:.2f}%\n")
         ax.axhline(target, color="gray", ls=":", lw=1)
-        ax.set(title=f"compare: {model} on MNIST-1D 4k", xlabel="epoch", ylabel="test error (%)")
+        ax.set(title=f"compare: {t['model']} on {t['task']}", xlabel="epoch", ylabel="test error (%)")
         ax.set_ylim(0, min(100, 2.5 * max(target, 5)))
-        ax.legend()
-    return finish(runner, "compare", fig, "test_error.png", lines, results, summary)
+        ax.legend(fontsize=7)
+    save_figure(fig, out_dir / "test_error.png")
+    return "\n".join(lines) + "\n", summary
+
+
+def _cells(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(r["cell"], []).append(r)
+    return out
 
 
 # ---------------------------------------------------------------- batch scaling (Table 3)
+# name -> (what differs in the config, centre of the first grid at batch 256; sqrt-scaled with batch)
+BATCH_VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
+    "neumann": (dict(optimizer="neumann"), 1.0),
+    "neumann-lr": (dict(optimizer="neumann", regularizer_schedule="lr"), 1.0),
+    "sgd": (dict(optimizer="sgd"), 1.0),
+    "adamw": (dict(optimizer="adamw"), 1e-2),
+    "lars": (dict(optimizer="lars"), 10.0),
+    "lamb": (dict(optimizer="lamb"), 3e-2),
+}
+
+
+def batch_scaling_settings(s: Settings) -> dict[str, Any]:
+    if s.quick:
+        return dict(task=s.task4k, model="mlp", batches=[64, 256], epochs=s.budget(6, 6), warmup_epochs=1)
+    return dict(
+        task="mnist1d-36k", model="mlp", batches=[64, 128, 256, 512, 1024], epochs=s.budget(6, 50), warmup_epochs=5
+    )
+
+
 def batch_scaling(runner: Runner, s: Settings) -> str:
-    task = s.task4k if s.quick else s.task80k
-    batches = [128, 1024] if s.quick else [128, 1024, 8192]
-    n_seeds = s.seeds if s.quick else min(s.seeds, 2)  # 2 seeds of the 80k set fit the 90-minute budget
-    epochs = s.budget(6, 12)
-    base = {"neumann": 0.1, "sgd": 0.1}
-    multipliers = [0.5, 2.0] if s.quick else [0.25, 1.0, 4.0]
-    if 1.0 not in multipliers:
-        multipliers = sorted({*multipliers, 1.0})
-    # Neumann's own warmup: 5 epochs of burn-in, then its momentum ramps from 0.5 (epoch 6) to 0.75
-    # (epoch 8); 'long' SGD warms up for those 8 epochs (capped at 2/3 of a short budget).
-    long_warmup = min(8, (2 * epochs) // 3)
-    variants: dict[str, dict[str, Any]] = {
-        "neumann": dict(optimizer="neumann"),
-        "sgd-goyal": dict(optimizer="sgd", warmup_epochs=5),
-        f"sgd-long{long_warmup}": dict(optimizer="sgd", warmup_epochs=long_warmup),
-    }
-    configs = []
-    for v in variants.values():
+    st = batch_scaling_settings(s)
+    protocol = (
+        Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=1)
+        if s.quick
+        else Protocol(points=5, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=6)
+    )
+    warmup = min(st["warmup_epochs"], st["epochs"] // 2)
+    cells: dict[str, tuple[dict[str, Any], float]] = {}
+    for name, (v, centre) in BATCH_VARIANTS.items():
+        for b in st["batches"]:
+            cfg = base_cfg(task=st["task"], model=st["model"], batch=b, epochs=st["epochs"], **v)
+            if v["optimizer"] != "neumann":  # Neumann's burn-in and momentum ramp are its warmup
+                cfg["warmup_epochs"] = warmup
+            cells[f"{name}/{b}"] = (cfg, centre * math.sqrt(b / 256))
+    runs = tune(runner, cells, protocol, "batch-scaling")
+    payload = dict(
+        study="batch-scaling",
+        meta={**st, "warmup_epochs": warmup, "variants": list(BATCH_VARIANTS), "protocol": protocol.as_dict()},
+        runs=[r for cell in runs.values() for r in cell],
+    )
+    return finish(runner, s, payload)
+
+
+def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
+    meta, protocol = payload["meta"], Protocol(**payload["meta"]["protocol"])
+    cells = _cells(payload["runs"])
+    batches = meta["batches"]
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in meta["variants"]:
         for b in batches:
-            for mult in multipliers:
-                lr = base[v["optimizer"]] * (b / 128) * mult
-                for seed in range(n_seeds):
-                    configs.append(
-                        dict(
-                            task=task,
-                            model="cnn",
-                            lr=round(lr, 6),
-                            batch=b,
-                            epochs=epochs,
-                            seed=seed,
-                            **{"warmup_epochs": 0, **v},
-                        )
-                    )
-    results = runner.run_all(configs, "batch-scaling")
+            if f"{name}/{b}" in cells:
+                rows.setdefault(name, {})[b] = summarize(
+                    cells[f"{name}/{b}"], protocol.tune_seeds, protocol.final_seeds
+                )
+    train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
     lines = [
         "# batch-scaling: batch size grown at a fixed epoch budget (paper Table 3)\n",
-        f"{task}, CNN with BatchNorm, {epochs} epochs, cosine decay, {n_seeds} seed(s). Learning rate: "
-        f"linear scaling from {base} at batch 128 (column 'linear'), and tuned per batch over "
-        f"multipliers {multipliers} of the linear rate on the validation split (column 'tuned'). "
-        f"SGD with Goyal et al.'s 5-epoch warmup and with a {long_warmup}-epoch warmup.\n",
-        "| optimizer | batch | steps/epoch | linear: test error % | tuned lr | tuned: test error % |",
-        "|---|---|---|---|---|---|",
+        f"{meta['model'].upper()} on {meta['task']} ({train_size:,} training examples), {meta['epochs']} epochs at "
+        f"every batch size ({batches[0]} to {batches[-1]}, the largest {100 * batches[-1] / max(train_size, 1):.1f}% "
+        f"of the training set), cosine decay to 0. Baselines warm up linearly for {meta['warmup_epochs']} epochs "
+        "(Goyal et al.); Neumann has the paper's defaults (5 epochs of burn-in, its own warmup). Every cell tuned "
+        f"by the same protocol: {protocol.points}-point start, {protocol.tune_seeds} tuning seed(s) per rate, grid "
+        f"extended until the chosen rate is inside it, then {protocol.final_seeds} seeds at the chosen rate. "
+        "Test error (%) of those seeds, mean ± std (tuned lr).\n",
+        "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
     ]
     summary: dict[str, Any] = {}
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, v in variants.items():
-        xs, ys = [], []
+    for name, per_b in rows.items():
+        cellstr = []
         for b in batches:
-            runs = [
-                r
-                for r in results
-                if r["config"]["batch"] == b
-                and r["config"]["optimizer"] == v["optimizer"]
-                and r["config"].get("warmup_epochs", 0) == v.get("warmup_epochs", 0)
-            ]
-            lin_lr = round(base[v["optimizer"]] * b / 128, 6)
-            lin = mean_std(final(r) for r in runs if r["config"]["lr"] == lin_lr)
-            lr = tune_lr(runs)
-            tuned = mean_std(final(r) for r in runs if r["config"]["lr"] == lr)
-            spe = runs[0]["steps_per_epoch"]
-            lines.append(f"| {name} | {b} | {spe} | {fmt(*lin)} | {lr:g} | {fmt(*tuned)} |")
-            summary[f"{name}/{b}"] = dict(linear=lin[0], tuned=tuned[0], tuned_lr=lr)
-            xs.append(b)
-            ys.append(tuned[0])
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set(xscale="log", xlabel="batch size", ylabel="final test error (%), tuned lr", title=f"batch scaling, {task}")
-    ax.legend()
-    return finish(runner, "batch-scaling", fig, "batch_scaling.png", lines, results, summary)
+            r = per_b.get(b)
+            cellstr.append(f"{fmt(r['test_mean'], r['test_std'])} ({r['lr']:g})" if r else "—")
+            if r:
+                summary[f"{name}/{b}"] = {k: r[k] for k in ("lr", "test_mean", "test_std", "interior", "seeds")}
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cellstr) + " |")
+    lines += [
+        "\nDetails: optimizer steps per run (for Neumann: of which after burn-in), the rates tried and whether "
+        "the chosen one lies strictly inside them, runs diverged at the chosen rate.\n",
+        "| optimizer | batch | steps (Neumann phase) | tuned lr | rates tried | inside grid | diverged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, per_b in rows.items():
+        for b, r in per_b.items():
+            ns = f" ({r['neumann_steps']})" if r["neumann_steps"] is not None else ""
+            lines.append(
+                f"| {LABELS[name]} | {b} | {r['steps']}{ns} | {r['lr']:g} | {_lr_range(r['tried'])} | "
+                f"{'yes' if r['interior'] else 'NO'} | {r['diverged']}/{r['seeds']} |"
+            )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, (name, per_b) in enumerate(rows.items()):
+        bs = sorted(per_b)
+        ys = [per_b[b]["test_mean"] for b in bs]
+        ax.errorbar(
+            [b * (1 + 0.02 * (k - len(rows) / 2)) for b in bs],
+            ys,
+            yerr=[
+                [per_b[b]["test_mean"] - per_b[b]["test_min"] for b in bs],
+                [per_b[b]["test_max"] - per_b[b]["test_mean"] for b in bs],
+            ],
+            marker="o",
+            capsize=3,
+            label=LABELS[name],
+            ls="-" if name.startswith("neumann") else "--",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="batch size",
+        ylabel="final test error (%), tuned lr",
+        title=f"batch scaling at {meta['epochs']} epochs, {meta['task']} (bars: seed min-max)",
+    )
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.legend(fontsize=7)
+    save_figure(fig, out_dir / "batch_scaling.png")
+    return "\n".join(lines) + "\n", summary
 
 
 # ---------------------------------------------------------------- ablation (Table 4)
@@ -220,55 +321,49 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "regularizers scaled with lr": dict(regularizer_schedule="lr"),
     "no burn-in, regularizers scaled with lr": dict(burn_in_epochs=0, regularizer_schedule="lr"),
 }
+ABLATION_LRS = {"cnn": 0.1, "mlp": 0.1}
 
 
 def ablation(runner: Runner, s: Settings) -> str:
     models = ["cnn"] if s.quick else ["cnn", "mlp"]
     epochs = s.budget(15, 40)
-    lrs = {"cnn": 0.1, "mlp": 0.1}
+    n = s.n_seeds(1, 3)
     configs = []
     for model in models:
+        common = dict(task=s.task4k, model=model, lr=ABLATION_LRS[model], batch=128, epochs=epochs)
         for v in ABLATIONS.values():
-            for seed in range(s.seeds):
-                configs.append(
-                    base_cfg(
-                        task=s.task4k,
-                        model=model,
-                        optimizer="neumann",
-                        lr=lrs[model],
-                        batch=128,
-                        epochs=epochs,
-                        seed=seed,
-                        track_regularizer=True,
-                        **v,
-                    )
-                )
-            # SGD reference at the same lr
-        for seed in range(s.seeds):
-            configs.append(
-                base_cfg(
-                    task=s.task4k, model=model, optimizer="sgd", lr=lrs[model], batch=128, epochs=epochs, seed=seed
-                )
-            )
-    results = runner.run_all(configs, "ablation")
+            configs += [base_cfg(**common, optimizer="neumann", seed=k, track_regularizer=True, **v) for k in range(n)]
+        configs += [base_cfg(**common, optimizer="sgd", seed=k) for k in range(n)]  # SGD at the same lr
+    runs = runner.run_all(configs, "ablation")
+    payload = dict(
+        study="ablation",
+        meta=dict(task=s.task4k, models=models, epochs=epochs, lrs=ABLATION_LRS, seeds=n),
+        runs=runs,
+    )
+    return finish(runner, s, payload)
+
+
+def render_ablation(payload: Payload, out_dir: Path) -> Rendered:
+    meta, results = payload["meta"], payload["runs"]
     lines = [
         "# ablation: regularizers and burn-in (paper Table 4)\n",
-        f"MNIST-1D 4k, batch 128, {epochs} epochs, cosine decay to 0, lr {lrs}, {s.seeds} seed(s). "
-        "'best' is the lowest mean test error along the run and its epoch; 'repulsive > |g|' is the "
-        "fraction of regularized steps whose repulsive force beta/r^2 exceeded the mini-batch gradient "
-        "norm: over the whole run / over its last 10% of steps.\n",
+        f"{meta['task']}, batch 128, {meta['epochs']} epochs, cosine decay to 0, lr {meta['lrs']}, "
+        f"{meta['seeds']} seed(s). 'best' is the lowest mean test error along the run and its epoch; "
+        "'repulsive > |g|' is the fraction of regularized steps whose repulsive force beta/r^2 exceeded the "
+        "mini-batch gradient norm: over the whole run / over its last 10% of steps.\n",
         "| model | variant | final test error % | best test error % (epoch) | diverged runs | repulsive > |g| |",
         "|---|---|---|---|---|---|",
     ]
     summary: dict[str, Any] = {}
     plt = _plt()
+    models = meta["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        rows: list[tuple[str, dict[str, Any]]] = [
+        variants: list[tuple[str, dict[str, Any]]] = [
             (name, dict(optimizer="neumann", **v)) for name, v in ABLATIONS.items()
         ]
-        rows.append(("SGD+Nesterov (same lr)", dict(optimizer="sgd")))
-        for name, v in rows:
+        variants.append(("SGD+Nesterov (same lr)", dict(optimizer="sgd")))
+        for name, v in variants:
             runs = [
                 r
                 for r in results
@@ -282,10 +377,9 @@ def ablation(runner: Runner, s: Settings) -> str:
             fin = mean_std(final(r) for r in runs)
             best = min(curve)
             div = sum(r["diverged"] for r in runs)
-            frac_s = _fractions(runs)
             lines.append(
                 f"| {model} | {name} | {fmt(*fin)} | {best:.2f} ({curve.index(best) + 1}) | "
-                f"{div}/{len(runs)} | {frac_s} |"
+                f"{div}/{len(runs)} | {_fractions(runs)} |"
             )
             summary[f"{model}/{name}"] = dict(final=fin[0], best=best, diverged=div)
             ax.plot(range(1, len(curve) + 1), curve, label=name)
@@ -297,7 +391,8 @@ def ablation(runner: Runner, s: Settings) -> str:
             ylim=(0, min(100, 2.5 * max(finals, default=40))),
         )
         ax.legend(fontsize=7)
-    return finish(runner, "ablation", fig, "ablation.png", lines, results, summary)
+    save_figure(fig, out_dir / "ablation.png")
+    return "\n".join(lines) + "\n", summary
 
 
 def _fractions(runs: list[dict[str, Any]]) -> str:
@@ -315,29 +410,41 @@ def _variant_matches(cfg: dict[str, Any], v: dict[str, Any]) -> bool:
 
 # ---------------------------------------------------------------- seeds (Appendix C)
 def seeds(runner: Runner, s: Settings) -> str:
-    n = max(s.seeds, 2 if s.quick else 5)
+    n = s.n_seeds(2, 10)
     epochs = s.budget(20, 40)
-    model = "mlp" if s.quick else "cnn"
-    lrs = {"neumann": 0.1, "sgd": 0.1}
-    compare_summary = runner.out / "compare" / "results.json"
-    if compare_summary.exists():
-        summ = json.loads(compare_summary.read_text()).get("summary", {})
+    task, model = s.task4k, "mlp"
+    lrs = {"neumann": 0.3, "sgd": 0.3}
+    source = "fixed"
+    compare_results = runner.out / "compare" / "results.json"
+    if compare_results.exists():  # the rates `compare` chose on this task, when it has run
+        summ = json.loads(compare_results.read_text()).get("summary", {})
         for opt in lrs:
-            if f"{model}/{opt}" in summ:
-                lrs[opt] = summ[f"{model}/{opt}"]["lr"]
+            if f"mlp-4k/{opt}" in summ:
+                lrs[opt] = summ[f"mlp-4k/{opt}"]["lr"]
+                source = "tuned in `compare`"
     configs = [
-        base_cfg(task=s.task4k, model=model, optimizer=opt, lr=lr, batch=128, epochs=epochs, seed=seed)
+        base_cfg(task=task, model=model, optimizer=opt, lr=lr, batch=128, epochs=epochs, seed=seed)
         for opt, lr in lrs.items()
         for seed in range(n)
     ]
-    results = runner.run_all(configs, "seeds")
+    runs = runner.run_all(configs, "seeds")
+    payload = dict(
+        study="seeds", meta=dict(task=task, model=model, epochs=epochs, lrs=lrs, lr_source=source), runs=runs
+    )
+    return finish(runner, s, payload)
+
+
+def render_seeds(payload: Payload, out_dir: Path) -> Rendered:
+    meta, results = payload["meta"], payload["runs"]
+    n = len({r["config"]["seed"] for r in results})
     lines = [
         "# seeds: spread over seeds (paper Appendix C)\n",
-        f"MNIST-1D 4k, {model}, batch 128, {epochs} epochs, {n} seeds, lr {lrs} (tuned in `compare` when "
-        "its results exist).\n",
+        f"{meta['task']}, {meta['model']}, batch 128, {meta['epochs']} epochs, {n} seeds, lr {meta['lrs']} "
+        f"({meta['lr_source']}).\n",
         "| optimizer | final test errors % | mean ± std | min | max |",
         "|---|---|---|---|---|",
     ]
+    summary: dict[str, Any] = {}
     for key, group in by(results, "optimizer").items():
         opt = str(key[0])
         vals = [final(r) for r in sorted(group, key=lambda r: r["config"]["seed"])]
@@ -345,9 +452,25 @@ def seeds(runner: Runner, s: Settings) -> str:
             f"| {LABELS[opt]} | {', '.join(f'{v:.2f}' for v in vals)} | {fmt(*mean_std(vals))} | "
             f"{min(vals):.2f} | {max(vals):.2f} |"
         )
-    table = "\n".join(lines) + "\n"
-    write(runner.out / "seeds", results, table)
-    return table
+        summary[opt] = dict(mean=mean_std(vals)[0], std=mean_std(vals)[1], min=min(vals), max=max(vals))
+    return "\n".join(lines) + "\n", summary
 
 
-STUDIES = {"compare": compare, "batch-scaling": batch_scaling, "ablation": ablation, "seeds": seeds}
+STUDIES: dict[str, Callable[[Runner, Settings], str]] = {
+    "compare": compare,
+    "batch-scaling": batch_scaling,
+    "ablation": ablation,
+    "seeds": seeds,
+}
+
+
+def renderers() -> dict[str, Callable[[Payload, Path], Rendered]]:
+    from .curvature import render_curvature
+
+    return {
+        "compare": render_compare,
+        "batch-scaling": render_batch_scaling,
+        "ablation": render_ablation,
+        "seeds": render_seeds,
+        "curvature": render_curvature,
+    }

@@ -1,8 +1,8 @@
 """Data sets and models of the small-scale reproduction. Nothing is downloaded.
 
 - MNIST-1D generated offline with ``mnist1d.data.make_dataset`` ("mnist1d-4k": 4,000 training
-  examples, the library's default; "mnist1d-80k": 80,000), cached as ``.npz`` under the output
-  directory.
+  examples, the library's default; "mnist1d-36k": 40,000; "mnist1d-80k": 80,000; before the
+  validation split), cached as ``.npz`` under the output directory.
 - CIFAR-10 read from a user-given directory in its standard python-pickle format
   (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-MNIST1D_SIZES = {"mnist1d-4k": 5_000, "mnist1d-80k": 100_000}  # 80% of samples are for training
+MNIST1D_SIZES = {"mnist1d-4k": 5_000, "mnist1d-36k": 50_000, "mnist1d-80k": 100_000}  # 80% of samples are for training
 
 
 @dataclass
@@ -63,11 +63,26 @@ def load_mnist1d(name: str, cache_dir: Path) -> Dataset:
     return _split(name, z["x"][:, None, :], z["y"], z["x_test"][:, None, :], z["y_test"], 10)
 
 
+CIFAR10_FILES = (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch")
+
+
+def _cifar10_root(data_dir: Path) -> Path:
+    data_dir = Path(data_dir)
+    return data_dir / "cifar-10-batches-py" if (data_dir / "cifar-10-batches-py").is_dir() else data_dir
+
+
+def cifar10_missing(data_dir: Path) -> str:
+    """'' if ``data_dir`` holds the CIFAR-10 python batches, else what is missing."""
+    root = _cifar10_root(data_dir)
+    if not root.is_dir():
+        return f"{data_dir} is not a directory"
+    missing = [f for f in CIFAR10_FILES if not (root / f).is_file()]
+    return f"missing {', '.join(missing)} in {root}" if missing else ""
+
+
 def load_cifar10(data_dir: Path) -> Dataset:
     """CIFAR-10 from the python-pickle batches in ``data_dir`` (as distributed by its authors)."""
-    data_dir = Path(data_dir)
-    if (data_dir / "cifar-10-batches-py").is_dir():
-        data_dir = data_dir / "cifar-10-batches-py"
+    data_dir = _cifar10_root(data_dir)
 
     def read(fname: str) -> tuple[np.ndarray, np.ndarray]:
         path = data_dir / fname

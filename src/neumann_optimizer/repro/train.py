@@ -26,7 +26,7 @@ from ..optimizer import Neumann, regularizer_weights
 from ..schedule import Phase, plan_step
 from .tasks import Dataset, has_batchnorm, make_model
 
-OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "rmsprop")
+OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -52,8 +52,17 @@ def make_optimizer(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int) 
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)  # torch's defaults (weight_decay 0.01)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8)
+    if name in ("lars", "lamb"):
+        # the large-batch baselines come from a well-kept collection, configured as its docs say
+        from pytorch_optimizer import LARS, Lamb
+
+        if name == "lars":  # momentum 0.9, trust coefficient 1e-3; biases and norms plain SGD
+            return LARS(params, lr=lr)
+        return Lamb(params, lr=lr)  # betas (0.9, 0.999), eps 1e-6, no weight decay
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -174,13 +183,18 @@ def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, A
         )
         if diverged:
             break
+    steps = steps_per_epoch * len(history)  # optimizer steps taken (fewer when a run diverged)
     out: dict[str, Any] = dict(
         config=cfg,
         history=history,
         diverged=diverged,
         seconds=time.perf_counter() - t0,
+        train_size=n,
         steps_per_epoch=steps_per_epoch,
+        steps=steps,
     )
+    if is_neumann:
+        out["neumann_steps"] = max(0, steps - opt.param_groups[0]["burn_in_steps"])
     if adaptive is not None:
         out["adaptive_momentum"] = adaptive.history
     if monitor is not None:

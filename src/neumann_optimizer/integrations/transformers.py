@@ -1,0 +1,58 @@
+"""Hugging Face ``Trainer``: export the evaluation weights ``w - mu m`` when training ends.
+
+.. code-block:: python
+
+    from neumann_optimizer.integrations.transformers import EvaluationWeightsCallback
+
+    trainer = Trainer(..., optimizers=(opt, scheduler), callbacks=[EvaluationWeightsCallback()])
+
+The ``Trainer`` already calls ``optimizer.eval()`` before every evaluation and
+``optimizer.train()`` before every training step (through Accelerate's optimizer wrapper), so
+evaluation sees ``w - mu m`` and training is unchanged by it. What it does not do is leave the
+model at ``w - mu m`` when training ends: the model holds ``w`` or ``w - mu m`` depending on
+whether an evaluation happened to run last. This callback switches every Neumann optimizer to
+eval mode at the end of ``train()``, so ``trainer.save_model()``, ``push_to_hub()`` and a later
+``trainer.evaluate()`` see the evaluation weights. With ``load_best_model_at_end=True`` the model
+already holds the best checkpoint's weights, which the ``Trainer`` saved right after evaluating,
+that is at ``w - mu m``: they are kept as they are.
+
+Importing this module needs ``transformers``; ``import neumann_optimizer`` does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..optimizer import Neumann
+
+__all__ = ["EvaluationWeightsCallback"]
+
+
+def _unwrap(optimizer: Any) -> Neumann | None:
+    for _ in range(4):  # AcceleratedOptimizer.optimizer, DeepSpeed's wrapper
+        if optimizer is None or isinstance(optimizer, Neumann):
+            break
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer if isinstance(optimizer, Neumann) else None
+
+
+class EvaluationWeightsCallback(TrainerCallback):
+    """Leave the model at the evaluation weights when ``Trainer.train()`` ends (see the module doc)."""
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        opt = _unwrap(optimizer)
+        if opt is None:
+            return
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            opt._adopt_evaluation_weights()  # the loaded best weights are evaluation weights already
+        else:
+            opt.eval()

@@ -1,0 +1,139 @@
+"""One learning-rate tuning protocol for every optimizer (docs/REPRODUCTION.md, "Tuning protocol").
+
+Learning rates live on one log grid, ``1, 3, 10, 30, ...`` times a power of ten (index ``i``: mantissa
+1 for even ``i``, 3 for odd ``i``, exponent ``i // 2``), so every optimizer is searched at the same
+resolution. A *cell* (one optimizer at one batch size, task and budget) starts from ``points``
+consecutive grid rates centred on a guess; each rate is trained with ``tune_seeds`` seeds. The chosen
+rate is the one with the lowest mean final validation error (ties: the smaller rate). While the chosen
+rate sits on an edge of the rates tried, the grid is extended by one rate beyond that edge (at most
+``max_extensions`` times). Then the chosen rate is trained with ``final_seeds`` seeds, and test errors
+are reported for those runs. :func:`choose` is a pure function of the runs, so the report recomputes
+every choice from the committed results without training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .runner import Runner, final, mean_std
+
+
+def lr_at(i: int) -> float:
+    """The ``i``-th rate of the grid: ..., 0.1, 0.3, 1, 3, 10, ..."""
+    return float(f"{1 if i % 2 == 0 else 3}e{i // 2}")
+
+
+def lr_index(lr: float) -> int:
+    """The grid index nearest to ``lr`` (exact for grid rates)."""
+    return round(2 * math.log10(lr))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    points: int = 5
+    tune_seeds: int = 1
+    final_seeds: int = 3
+    max_extensions: int = 6
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Choice:
+    lr: float
+    scores: dict[float, float]  # mean final validation error per rate tried (tuning seeds)
+    interior: bool  # strictly inside the rates tried
+
+    @property
+    def tried(self) -> list[float]:
+        return sorted(self.scores)
+
+
+def choose(runs: Sequence[dict[str, Any]], tune_seeds: int) -> Choice:
+    """The rate with the lowest mean final validation error over the tuning seeds (pure)."""
+    per_lr: dict[float, list[float]] = {}
+    for r in runs:
+        if r["config"]["seed"] < tune_seeds:
+            per_lr.setdefault(float(r["config"]["lr"]), []).append(final(r, "val_error"))
+    if not per_lr:
+        raise ValueError("no tuning runs to choose from")
+    scores = {lr: mean_std(v)[0] for lr, v in per_lr.items()}
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    lrs = sorted(scores)
+    return Choice(best, scores, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
+
+
+def tune(
+    runner: Runner,
+    cells: dict[str, tuple[dict[str, Any], float]],
+    protocol: Protocol,
+    desc: str,
+) -> dict[str, list[dict[str, Any]]]:
+    """Tune every cell (name -> (config without lr and seed, centre guess)) by the protocol.
+
+    Returns each cell's runs (tuning and final seeds), each tagged with ``"cell": name``. Rounds of
+    runs go through the runner's cache, so an interrupted study resumes where it stopped.
+    """
+    half = protocol.points // 2
+    tried = {
+        name: set(range(lr_index(c) - half, lr_index(c) - half + protocol.points)) for name, (_, c) in cells.items()
+    }
+    extensions = dict.fromkeys(cells, 0)
+
+    def cfg(name: str, i: int, seed: int) -> dict[str, Any]:
+        return {**cells[name][0], "lr": lr_at(i), "seed": seed}
+
+    def run(plan: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        results = runner.run_all([c for _, c in plan], desc)
+        out: dict[str, list[dict[str, Any]]] = {name: [] for name in cells}
+        for (name, _), res in zip(plan, results, strict=True):
+            out[name].append({"cell": name, **res})
+        return out
+
+    while True:
+        plan = [(n, cfg(n, i, s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
+        runs = run(plan)
+        grown = False
+        for name in cells:
+            choice = choose(runs[name], protocol.tune_seeds)
+            if choice.interior or extensions[name] >= protocol.max_extensions:
+                continue
+            i, lo, hi = lr_index(choice.lr), min(tried[name]), max(tried[name])
+            tried[name].add(i - 1 if i == lo else hi + 1)
+            extensions[name] += 1
+            grown = True
+        if not grown:
+            break
+    plan = [(n, cfg(n, i, s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
+    for name in cells:
+        best = lr_index(choose(runs[name], protocol.tune_seeds).lr)
+        plan += [(name, cfg(name, best, s)) for s in range(protocol.tune_seeds, protocol.final_seeds)]
+    return run(plan)
+
+
+def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int) -> dict[str, Any]:
+    """A cell's choice and its test (and validation) errors over the final seeds at the chosen rate."""
+    choice = choose(runs, tune_seeds)
+    at = [r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds]
+    test = [final(r, "test_error") for r in at]
+    val = [final(r, "val_error") for r in at]
+    m, s = mean_std(test)
+    return dict(
+        lr=choice.lr,
+        tried=choice.tried,
+        interior=choice.interior,
+        trials=sum(1 for r in runs if r["config"]["seed"] < tune_seeds),
+        seeds=len(at),
+        test_mean=m,
+        test_std=s,
+        test_min=min(test),
+        test_max=max(test),
+        val_mean=mean_std(val)[0],
+        steps=at[0]["steps"] if at else 0,
+        neumann_steps=at[0].get("neumann_steps") if at else None,
+        diverged=sum(r["diverged"] for r in at),
+    )
