@@ -76,13 +76,13 @@ def main() -> None:
         rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
     mb = 2**20
     print(f"{rows[0]['params'] / 1e6:.1f}M float32 parameters ({rows[0]['param_bytes'] / mb:.0f} MiB), CPU, torch")
-    print("| evaluation= | extra peak during eval() | held while in eval mode | eval() | train() | train() restores w to |")
+    print("| evaluation= | extra peak during eval() | held in eval mode | eval() | train() | train() restores w to |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['mode']!r} | {r['eval_extra_peak'] / mb:.0f} MiB ({r['eval_extra_peak'] / r['param_bytes']:.2f}x "
-            f"params) | {r['eval_extra_after'] / mb:.0f} MiB | {1e3 * r['eval_s']:.0f} ms | {1e3 * r['train_s']:.0f} ms "
-            f"| max abs error {r['restore_max_abs_error']:.1e} |"
+            f"params) | {r['eval_extra_after'] / mb:.0f} MiB | {1e3 * r['eval_s']:.0f} ms "
+            f"| {1e3 * r['train_s']:.0f} ms | max abs error {r['restore_max_abs_error']:.1e} |"
         )
 
 

@@ -59,7 +59,8 @@ def test_epoch_defaults():
         ("reset_growth", 0.0),
         ("momentum", (0.9, 0.5)),
         ("momentum", (0.5, 1.5)),
-        ("momentum", 0.9),
+        ("momentum", 1.9),  # a single number is a constant momentum: in [0, 1]
+        ("evaluation", "copy"),
         ("momentum_ramp_steps", 0),
         ("cubic_weight", -1.0),
         ("repulsive_weight", float("inf")),

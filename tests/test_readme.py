@@ -107,7 +107,7 @@ def test_readme_hf_optimizer_cls_and_kwargs_works(tmp_path, monkeypatch):
         "    callbacks=[EvaluationWeightsCallback()])\n"
         "trainer.train()\n"
     )
-    assert "optimizer_cls_and_kwargs=(Neumann, {\"lr\": 0.1, \"steps_per_epoch\": steps_per_epoch})" in (
+    assert 'optimizer_cls_and_kwargs=(Neumann, {"lr": 0.1, "steps_per_epoch": steps_per_epoch})' in (
         ROOT / "README.md"
     ).read_text().replace("\n", " ")
     scope, _ = _run_block(code, tmp_path, monkeypatch)

@@ -50,8 +50,14 @@ def test_batch_scaling_quick_has_every_optimizer(tmp_path):
     assert main(["batch-scaling", "--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     res = json.loads((tmp_path / "batch-scaling" / "results.json").read_text())
     opts = {(r["config"]["optimizer"], r["config"].get("regularizer_schedule")) for r in res["runs"]}
-    assert opts == {("neumann", None), ("neumann", "lr"), ("sgd", None), ("adamw", None), ("lars", None),
-                    ("lamb", None)}
+    assert opts == {
+        ("neumann", None),
+        ("neumann", "lr"),
+        ("sgd", None),
+        ("adamw", None),
+        ("lars", None),
+        ("lamb", None),
+    }
     assert {r["config"]["batch"] for r in res["runs"]} == {64, 256}
     table = (tmp_path / "batch-scaling" / "table.md").read_text()
     for label in ("LARS", "LAMB", "AdamW", "SGD+Nesterov", "Neumann"):

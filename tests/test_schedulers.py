@@ -18,8 +18,18 @@ KW = dict(burn_in_steps=3, reset_steps=5, reset_growth=2.0, momentum_ramp_steps=
 
 def _reference(problem, lr: float) -> RefGroup:
     return RefGroup(
-        problem.flat_w0(0), lr=lr, burn_in=3, reset0=5, growth=2.0, mu_min=0.5, mu_max=0.9, tau=2.0,
-        alpha=1e-7, beta_per_n=1e-5, gamma=0.99, wd=0.0,
+        problem.flat_w0(0),
+        lr=lr,
+        burn_in=3,
+        reset0=5,
+        growth=2.0,
+        mu_min=0.5,
+        mu_max=0.9,
+        tau=2.0,
+        alpha=1e-7,
+        beta_per_n=1e-5,
+        gamma=0.99,
+        wd=0.0,
     )
 
 

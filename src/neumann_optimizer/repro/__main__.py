@@ -32,6 +32,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be a positive number of epochs, got {args.epochs}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
     try:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where 'all' and 'report' write the reproduction report",
     )
     p.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one core each (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     _check(p, args)
@@ -89,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.task:
         settings.task4k = settings.task80k = args.task
     runner = Runner(
-        args.out, device=args.device, data_dir=args.data_dir, progress=not args.no_progress, results_dir=args.results
+        args.out,
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        results_dir=args.results,
+        jobs=args.jobs,
     )
     names = ALL_ORDER if args.study == "all" else ([] if args.study == "report" else [args.study])
     for name in names:

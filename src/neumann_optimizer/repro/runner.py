@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ def config_key(cfg: dict[str, Any]) -> str:
 
 
 class Runner:
-    """Runs configs, caching each finished run as ``OUT/cache/<key>.json`` (resumable).
+    """Runs configs, caching each finished run as ``OUT/cache/<key>.json`` (resumable); ``jobs`` > 1
+    trains that many runs at once in worker processes of one thread each.
 
     Runs already in a committed results file (``results_dir/STUDY.json``, as ``neumann-repro`` writes
     them) count as cached too: a fresh clone re-renders the documented studies without training.
@@ -37,8 +41,10 @@ class Runner:
         data_dir: Path | None = None,
         progress: bool = True,
         results_dir: Path | None = None,
+        jobs: int = 1,
     ):
         self.out = Path(out)
+        self.jobs = jobs
         self.results_dir = Path(results_dir) if results_dir is not None else None
         self._known: dict[str, dict[str, Any]] | None = None
         self.device = torch.device(device)
@@ -85,15 +91,41 @@ class Runner:
                 results.append(None)
                 todo.append((len(results) - 1, cfg, path))
         bar = _progress(len(todo), desc, self.progress)
-        for i, cfg, path in todo:
-            res = run(cfg, self.data(cfg["task"]), self.device)
-            tmp = path.with_suffix(".tmp")
+
+        def store(i: int, path: Path, res: dict[str, Any]) -> None:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(res))
             tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
             results[i] = res
             bar.update(1)
+
+        if self.jobs > 1 and len(todo) > 1:
+            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked thread pools
+            with ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+                futures = {
+                    pool.submit(_run_in_worker, cfg, str(self.out / "data"), self.data_dir, str(self.device)): (i, p)
+                    for i, cfg, p in todo
+                }
+                for fut in as_completed(futures):
+                    store(*futures[fut], fut.result())
+        else:
+            for i, cfg, path in todo:
+                store(i, path, run(cfg, self.data(cfg["task"]), self.device))
         bar.close()
         return [r for r in results if r is not None]
+
+
+_WORKER_DATA: dict[str, Dataset] = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per worker: --jobs N uses N cores
+
+
+def _run_in_worker(cfg: dict[str, Any], cache: str, data_dir: Path | None, device: str) -> dict[str, Any]:
+    if cfg["task"] not in _WORKER_DATA:
+        _WORKER_DATA[cfg["task"]] = load_task(cfg["task"], Path(cache), data_dir)
+    return run(cfg, _WORKER_DATA[cfg["task"]], torch.device(device))
 
 
 class _NoBar:
