@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     _check(p, args)
     settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs)
     if args.task:
-        settings.task4k = settings.task80k = args.task
+        settings.task4k = settings.task_large = args.task
     runner = Runner(
         args.out,
         device=args.device,

@@ -40,7 +40,7 @@ class Settings:
     quick: bool
     seeds: int | None = None  # final seeds at the chosen setting; None: the study's default
     task4k: str = "mnist1d-4k"
-    task80k: str = "mnist1d-80k"
+    task_large: str = "mnist1d-36k"  # batch-scaling and compare's second task
     epochs: int | None = None  # overrides every study's epoch budget (tests, smoke runs)
 
     def budget(self, quick: int, full: int) -> int:
@@ -98,9 +98,10 @@ def _lr_range(tried: list[float]) -> str:
 
 # ---------------------------------------------------------------- compare (Table 2)
 # (task, model, batch, full epoch budget); quick mode runs the first task only.
+# name -> (which Settings task, model, batch, full epoch budget)
 COMPARE_TASKS: dict[str, tuple[str, str, int, int]] = {
-    "mlp-4k": ("mnist1d-4k", "mlp", 128, 40),
-    "mlp-36k": ("mnist1d-36k", "mlp", 128, 30),
+    "mlp-4k": ("task4k", "mlp", 128, 40),
+    "mlp-36k": ("task_large", "mlp", 128, 30),
 }
 COMPARE_CENTRES = {"neumann": 0.3, "sgd": 0.3, "adam": 1e-2, "rmsprop": 1e-2, "neumann-adaptive": 0.3}
 
@@ -115,7 +116,8 @@ def compare(runner: Runner, s: Settings) -> str:
     )
     meta_tasks = {}
     cells: dict[str, tuple[dict[str, Any], float]] = {}
-    for name, (task, model, batch, full_epochs) in tasks.items():
+    for name, (task_field, model, batch, full_epochs) in tasks.items():
+        task = getattr(s, task_field)
         epochs = s.budget(20, full_epochs)
         meta_tasks[name] = dict(task=task, model=model, batch=batch, epochs=epochs)
         for opt in optimizers:
@@ -210,7 +212,7 @@ def batch_scaling_settings(s: Settings) -> dict[str, Any]:
     if s.quick:
         return dict(task=s.task4k, model="mlp", batches=[64, 256], epochs=s.budget(6, 6), warmup_epochs=1)
     return dict(
-        task="mnist1d-36k", model="mlp", batches=[64, 128, 256, 512, 1024], epochs=s.budget(6, 50), warmup_epochs=5
+        task=s.task_large, model="mlp", batches=[64, 128, 256, 512, 1024], epochs=s.budget(6, 50), warmup_epochs=5
     )
 
 
