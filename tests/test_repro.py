@@ -38,7 +38,7 @@ def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
     for r in res["runs"]:
         per_opt.setdefault(r["config"]["optimizer"], set()).add(r["config"]["lr"])
         assert r["train_size"] == 3600 and r["steps"] == 2 * r["steps_per_epoch"] == 2 * (3600 // 128)
-    assert set(per_opt) == {"neumann", "sgd", "adam", "rmsprop"}
+    assert set(per_opt) == {"neumann", "sgd", "adam", "rmsprop", "neumann-adaptive"}
     assert all(3 <= len(lrs) <= 4 for lrs in per_opt.values())  # a 3-point grid, one extension at most
     assert all(len(r["history"]) == 2 for r in res["runs"] if not r["diverged"])
     assert (study / "test_error.png").stat().st_size > 1000

@@ -108,7 +108,7 @@ COMPARE_CENTRES = {"neumann": 0.3, "sgd": 0.3, "adam": 1e-2, "rmsprop": 1e-2, "n
 
 def compare(runner: Runner, s: Settings) -> str:
     tasks = dict(list(COMPARE_TASKS.items())[:1]) if s.quick else COMPARE_TASKS
-    optimizers = [o for o in COMPARE_CENTRES if not (s.quick and o == "neumann-adaptive")]
+    optimizers = list(COMPARE_CENTRES)
     protocol = (
         Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 5), max_extensions=1)
         if s.quick
