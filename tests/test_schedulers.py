@@ -153,3 +153,20 @@ def test_evaluation_mode_is_validated():
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="evaluation"):
         Neumann([p], lr=0.1, evaluation="copy", **KW)
+
+
+def test_state_dict_from_before_these_options_loads():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = Neumann([p], lr=0.1, **{**KW, "burn_in_steps": 0})
+    p.grad = torch.ones(4)
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:  # as saved by version 0.1
+        del g["evaluation"], g["eval_shift"]
+    fresh = Neumann([p], lr=0.1, **KW)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["evaluation"] == "exact" and fresh.param_groups[0]["eval_shift"] == 0.0
+    w = p.detach().clone()
+    fresh.eval()
+    fresh.train()
+    assert torch.equal(p, w)
