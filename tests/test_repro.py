@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 from neumann_optimizer.repro import runner as runner_mod
 from neumann_optimizer.repro.__main__ import main
 from neumann_optimizer.repro.tasks import load_cifar10, load_task, make_model
-from neumann_optimizer.repro.tuning import Protocol, lr_at, lr_index, summarize, tune
+from neumann_optimizer.repro.tuning import Protocol, lr_index, on_grid, summarize, tune
 
 
 def _no_training(monkeypatch):
@@ -39,7 +39,8 @@ def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
         per_opt.setdefault(r["config"]["optimizer"], set()).add(r["config"]["lr"])
         assert r["train_size"] == 3600 and r["steps"] == 2 * r["steps_per_epoch"] == 2 * (3600 // 128)
     assert set(per_opt) == {"neumann", "sgd", "adam", "rmsprop", "neumann-adaptive"}
-    assert all(3 <= len(lrs) <= 4 for lrs in per_opt.values())  # a 3-point grid, one extension at most
+    # a 3-point grid, one extension at most, two midpoints around the grid's choice
+    assert all(3 <= len(lrs) <= 6 for lrs in per_opt.values())
     assert all(len(r["history"]) == 2 for r in res["runs"] if not r["diverged"])
     assert (study / "test_error.png").stat().st_size > 1000
     assert "compare" in capsys.readouterr().out
@@ -126,16 +127,29 @@ def test_tuning_extends_the_grid_until_the_choice_is_inside(best, centre):
     assert min(row["tried"]) < best < max(row["tried"])
     assert row["seeds"] == 3 and row["trials"] == 2 * len(row["tried"])
     b, c = lr_index(best), lr_index(centre)  # one rate past the best, never more
-    assert len(row["tried"]) == max(c + 2, b + 1) - min(c - 2, b - 1) + 1
-    # the grid is one log grid for everyone: 1-3-10 per decade
-    assert all(lr_at(lr_index(lr)) == lr for lr in row["tried"])
+    grid = [lr for lr in row["tried"] if on_grid(lr)]  # one log grid for everyone: 1-3-10 per decade
+    assert len(grid) == max(c + 2, b + 1) - min(c - 2, b - 1) + 1
+    # then the two midpoints around the grid's choice
+    refined = sorted(set(row["tried"]) - set(grid))
+    assert len(refined) == 2 and refined[0] < best < refined[1]
+    assert refined == pytest.approx([best / 10**0.25, best * 10**0.25], rel=0.12)
 
 
 def test_tuning_stops_at_the_extension_cap_and_says_so():
     fake = _SyntheticRunner(1e-9)
     runs = tune(fake, {"c": ({}, 1.0)}, Protocol(points=3, tune_seeds=1, final_seeds=1, max_extensions=2), "t")["c"]
     row = summarize(runs, 1, 1)
-    assert len(row["tried"]) == 5 and not row["interior"]
+    assert len(row["tried"]) == 5 and not row["interior"]  # and no refinement of an edge choice
+
+
+def test_refinement_can_move_the_choice_off_the_grid():
+    fake = _SyntheticRunner(0.55)  # between the grid's 0.3 and 1
+    runs = tune(fake, {"c": ({}, 0.3)}, Protocol(points=5, tune_seeds=1, final_seeds=2), "t")["c"]
+    row = summarize(runs, 1, 2)
+    assert row["lr"] == 0.55 and row["seeds"] == 2
+    assert len({c["lr"] for c in fake.seen}) == 7  # 5 grid rates and 2 midpoints
+    again = tune(fake, {"c": ({}, 0.3)}, Protocol(points=5, tune_seeds=1, final_seeds=2), "t")["c"]
+    assert {r["config"]["lr"] for r in again} == {r["config"]["lr"] for r in runs}
 
 
 @pytest.mark.parametrize(

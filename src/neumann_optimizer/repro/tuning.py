@@ -37,6 +37,7 @@ class Protocol:
     tune_seeds: int = 1
     final_seeds: int = 3
     max_extensions: int = 6
+    refine: bool = True  # then try the two geometric midpoints around the grid's choice
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -67,6 +68,23 @@ def choose(runs: Sequence[dict[str, Any]], tune_seeds: int) -> Choice:
     return Choice(best, scores, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
 
 
+def on_grid(lr: float) -> bool:
+    return lr_at(lr_index(lr)) == lr
+
+
+def midpoints(coarse: Choice) -> list[float]:
+    """The geometric midpoints (2 significant digits) between the coarse grid's choice and its
+    neighbours: the refinement step. Computed from grid rates only, so it is the same however
+    often a study is resumed."""
+    tried = coarse.tried
+    i = tried.index(coarse.lr)
+    out = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(tried):
+            out.append(float(f"{math.sqrt(tried[j] * coarse.lr):.2g}"))
+    return out
+
+
 def tune(
     runner: Runner,
     cells: dict[str, tuple[dict[str, Any], float]],
@@ -84,8 +102,8 @@ def tune(
     }
     extensions = dict.fromkeys(cells, 0)
 
-    def cfg(name: str, i: int, seed: int) -> dict[str, Any]:
-        return {**cells[name][0], "lr": lr_at(i), "seed": seed}
+    def cfg(name: str, lr: float, seed: int) -> dict[str, Any]:
+        return {**cells[name][0], "lr": lr, "seed": seed}
 
     def run(plan: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
         results = runner.run_all([c for _, c in plan], desc)
@@ -94,9 +112,11 @@ def tune(
             out[name].append({"cell": name, **res})
         return out
 
+    def grid_plan() -> list[tuple[str, dict[str, Any]]]:
+        return [(n, cfg(n, lr_at(i), s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
+
     while True:
-        plan = [(n, cfg(n, i, s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
-        runs = run(plan)
+        runs = run(grid_plan())
         grown = False
         for name in cells:
             choice = choose(runs[name], protocol.tune_seeds)
@@ -108,9 +128,15 @@ def tune(
             grown = True
         if not grown:
             break
-    plan = [(n, cfg(n, i, s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
+    plan = grid_plan()
+    if protocol.refine:
+        for name in cells:
+            coarse = choose(runs[name], protocol.tune_seeds)
+            if coarse.interior:
+                plan += [(name, cfg(name, lr, s)) for lr in midpoints(coarse) for s in range(protocol.tune_seeds)]
+        runs = run(plan)
     for name in cells:
-        best = lr_index(choose(runs[name], protocol.tune_seeds).lr)
+        best = choose(runs[name], protocol.tune_seeds).lr
         plan += [(name, cfg(name, best, s)) for s in range(protocol.tune_seeds, protocol.final_seeds)]
     return run(plan)
 
