@@ -46,8 +46,10 @@ as hard as the method):
   Each cell (optimizer x batch size x task) starts from 5 consecutive grid rates around a guess;
   the chosen rate is the one with the lowest mean final *validation* error over the tuning seeds
   (ties: the smaller rate). While the chosen rate lies on an edge of the rates tried, the grid is
-  extended by one rate beyond that edge (at most 6 times). The tables say how many rates each cell
-  tried and whether its choice lies strictly inside them.
+  extended by one rate beyond that edge (at most 6 times). Then the two geometric midpoints between
+  the chosen grid rate and its neighbours are tried too (factor about 1.8 either side), and the
+  choice is made again over all rates tried: 7 rates per cell when no extension was needed. The
+  tables say how many rates each cell tried and whether its choice lies strictly inside them.
 - **Seeds**: the chosen rate is then trained with more seeds (3 in batch-scaling, 5 in compare);
   test errors are those seeds' final test errors, mean ± standard deviation. Tuning seeds are
   1 in batch-scaling and 2 in compare (its runs are cheaper).
