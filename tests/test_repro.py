@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,17 @@ def test_cifar10_loader_reads_the_pickle_format(tmp_path):
 def test_cifar10_needs_data_dir(tmp_path):
     with pytest.raises(ValueError, match="--data-dir"):
         load_task("cifar10", tmp_path)
+
+
+def test_committed_report_is_what_the_committed_results_render_to(tmp_path, monkeypatch):
+    """docs/REPRODUCTION.md is a pure function of docs/results/*.json (and the hand-written notes)."""
+    root = Path(__file__).resolve().parents[1]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copyfile(root / "docs" / "reproduction_notes.md", docs / "reproduction_notes.md")
+    _no_training(monkeypatch)
+    main(["report", "--results", str(root / "docs" / "results"), "--report", str(docs / "REPRODUCTION.md")])
+    assert (docs / "REPRODUCTION.md").read_text() == (root / "docs" / "REPRODUCTION.md").read_text()
+    for study in ("compare", "batch-scaling"):
+        payload = json.loads((root / "docs" / "results" / f"{study}.json").read_text())
+        assert all("train_size" in r and "steps" in r and r["history"] for r in payload["runs"])
