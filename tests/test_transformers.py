@@ -96,10 +96,20 @@ def test_without_the_callback_a_run_without_evaluation_ends_at_training_weights(
     assert opt.training  # the model holds w, and save_model would export it: what the callback fixes
 
 
+class _SeenAtEvaluation(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
+        self.modes.append(optimizer.optimizer.training)  # the Accelerate wrapper's Neumann
+
+
 def test_interleaved_evaluation_leaves_training_bit_identical(tmp_path):
     a, b = Tiny(), Tiny()
-    ta, oa = _trainer(tmp_path / "a", a, [EvaluationWeightsCallback()], eval_steps=4)
+    seen = _SeenAtEvaluation()
+    ta, oa = _trainer(tmp_path / "a", a, [EvaluationWeightsCallback(), seen], eval_steps=4)
     ta.train()
+    assert len(seen.modes) == 5 and not any(seen.modes)  # every evaluation ran at w - mu m
     tb, ob = _trainer(tmp_path / "b", b, [EvaluationWeightsCallback()])
     tb.train()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
