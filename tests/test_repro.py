@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 from neumann_optimizer.repro import runner as runner_mod
 from neumann_optimizer.repro.__main__ import main
 from neumann_optimizer.repro.tasks import load_cifar10, load_task, make_model
-from neumann_optimizer.repro.tuning import Protocol, lr_index, on_grid, summarize, tune
+from neumann_optimizer.repro.tuning import Protocol, lr_at, lr_index, summarize, tune
 
 
 def _no_training(monkeypatch):
@@ -128,7 +128,7 @@ def test_tuning_extends_the_grid_until_the_choice_is_inside(best, centre):
     assert min(row["tried"]) < best < max(row["tried"])
     assert row["seeds"] == 3 and row["trials"] == 2 * len(row["tried"])
     b, c = lr_index(best), lr_index(centre)  # one rate past the best, never more
-    grid = [lr for lr in row["tried"] if on_grid(lr)]  # one log grid for everyone: 1-3-10 per decade
+    grid = [lr for lr in row["tried"] if lr_at(lr_index(lr)) == lr]  # one log grid for everyone: 1-3-10 per decade
     assert len(grid) == max(c + 2, b + 1) - min(c - 2, b - 1) + 1
     # then the two midpoints around the grid's choice
     refined = sorted(set(row["tried"]) - set(grid))

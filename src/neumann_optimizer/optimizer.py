@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from . import _native
 from . import functional as F
 from ._distributed import all_ranks_true, all_reduce_squared_norm, is_dtensor, local_tensor
-from .schedule import Phase, next_reset_interval, plan_step
+from .schedule import Phase, constant_momentum, next_reset_interval, plan_step
 
 __all__ = ["Neumann"]
 
@@ -83,10 +83,7 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError(f"Neumann: momentum must satisfy mu_min <= mu_max, got {tuple(mom)!r}")
         group["momentum"] = tuple(float(x) for x in mom)
     else:
-        if isinstance(mom, Tensor):
-            raise ValueError("Neumann: momentum must be a pair (mu_min, mu_max) or a Python number, got a tensor")
-        _check_float("momentum", mom, 0.0, 1.0)
-        group["momentum"] = float(mom)
+        group["momentum"] = constant_momentum(mom)
     _check_float("cubic_weight", group["cubic_weight"], 0.0)
     _check_float("repulsive_weight", group["repulsive_weight"], 0.0)
     _check_float("ema_decay", group["ema_decay"], 0.0, 1.0)

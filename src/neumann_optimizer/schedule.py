@@ -59,11 +59,9 @@ def plan_step(applied_steps: int, burn_in_steps: int, next_reset: int, group: di
 
 def constant_momentum(mom: object) -> float:
     """A group's ``momentum`` given as one number: checked to be a finite float in [0, 1]."""
-    try:
-        mu = float(mom)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        mu = math.nan
-    if isinstance(mom, bool) or not (0.0 <= mu <= 1.0):
+    ok = isinstance(mom, (int, float)) and not isinstance(mom, bool)
+    mu = float(mom) if ok else math.nan  # type: ignore[arg-type]
+    if not (0.0 <= mu <= 1.0):
         raise ValueError(
             f"Neumann: momentum must be a pair (mu_min, mu_max) or a number in [0, 1], got {mom!r} "
             "(a scheduler that cycles momentum writes param_group['momentum'])"

@@ -28,21 +28,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..optimizer import Neumann
+from . import unwrap_neumann
 
 __all__ = ["EvaluationWeights", "neumann_optimizers"]
 
 
 def neumann_optimizers(optimizers: Any) -> list[Neumann]:
-    """The Neumann optimizers among ``optimizers`` (unwrapping Lightning's and Accelerate's wrappers)."""
-    out = []
-    for opt in optimizers or []:
-        for _ in range(4):  # LightningOptimizer._optimizer, AcceleratedOptimizer.optimizer
-            if isinstance(opt, Neumann):
-                break
-            opt = getattr(opt, "_optimizer", None) or getattr(opt, "optimizer", None)
-        if isinstance(opt, Neumann):
-            out.append(opt)
-    return out
+    """The Neumann optimizers among ``optimizers`` (through the frameworks' wrappers)."""
+    return [n for n in map(unwrap_neumann, optimizers or []) if n is not None]
 
 
 def _batchnorm_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,9 +120,3 @@ class EvaluationWeights(pl.Callback):
             opt.eval()
         if opts and self.update_bn and _batchnorm_state(pl_module):
             self._recompute_bn(trainer, pl_module)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"update_bn": self.update_bn}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.update_bn = bool(state_dict.get("update_bn", self.update_bn))

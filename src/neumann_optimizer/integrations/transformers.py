@@ -25,17 +25,9 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..optimizer import Neumann
+from . import unwrap_neumann
 
 __all__ = ["EvaluationWeightsCallback"]
-
-
-def _unwrap(optimizer: Any) -> Neumann | None:
-    for _ in range(4):  # AcceleratedOptimizer.optimizer, DeepSpeed's wrapper
-        if optimizer is None or isinstance(optimizer, Neumann):
-            break
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer if isinstance(optimizer, Neumann) else None
 
 
 class EvaluationWeightsCallback(TrainerCallback):
@@ -49,7 +41,7 @@ class EvaluationWeightsCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        opt = _unwrap(optimizer)
+        opt = unwrap_neumann(optimizer)
         if opt is None:
             return
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:

@@ -50,14 +50,11 @@ class Runner:
         self.device = torch.device(device)
         self.data_dir = data_dir
         self.progress = progress
-        self._data: dict[str, Dataset] = {}
         self.cache_dir = self.out / "cache"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def data(self, task: str) -> Dataset:
-        if task not in self._data:
-            self._data[task] = load_task(task, self.out / "data", self.data_dir)
-        return self._data[task]
+        return _dataset(task, str(self.out / "data"), self.data_dir)
 
     def known_payload(self, study: str) -> dict[str, Any] | None:
         """The committed results file of ``study``, if there is one."""
@@ -115,7 +112,15 @@ class Runner:
         return [r for r in results if r is not None]
 
 
-_WORKER_DATA: dict[str, Dataset] = {}
+_DATA: dict[tuple[str, str, Path | None], Dataset] = {}
+
+
+def _dataset(task: str, cache: str, data_dir: Path | None) -> Dataset:
+    """A task's data, loaded once per process (the main one and each worker)."""
+    key = (task, cache, data_dir)
+    if key not in _DATA:
+        _DATA[key] = load_task(task, Path(cache), data_dir)
+    return _DATA[key]
 
 
 def _worker_init() -> None:
@@ -123,9 +128,7 @@ def _worker_init() -> None:
 
 
 def _run_in_worker(cfg: dict[str, Any], cache: str, data_dir: Path | None, device: str) -> dict[str, Any]:
-    if cfg["task"] not in _WORKER_DATA:
-        _WORKER_DATA[cfg["task"]] = load_task(cfg["task"], Path(cache), data_dir)
-    return run(cfg, _WORKER_DATA[cfg["task"]], torch.device(device))
+    return run(cfg, _dataset(cfg["task"], cache, data_dir), torch.device(device))
 
 
 class _NoBar:

@@ -68,10 +68,6 @@ def choose(runs: Sequence[dict[str, Any]], tune_seeds: int) -> Choice:
     return Choice(best, scores, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
 
 
-def on_grid(lr: float) -> bool:
-    return lr_at(lr_index(lr)) == lr
-
-
 def midpoints(coarse: Choice) -> list[float]:
     """The geometric midpoints (2 significant digits) between the coarse grid's choice and its
     neighbours: the refinement step. Computed from grid rates only, so it is the same however
@@ -146,7 +142,6 @@ def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int)
     choice = choose(runs, tune_seeds)
     at = [r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds]
     test = [final(r, "test_error") for r in at]
-    val = [final(r, "val_error") for r in at]
     m, s = mean_std(test)
     return dict(
         lr=choice.lr,
@@ -158,7 +153,6 @@ def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int)
         test_std=s,
         test_min=min(test),
         test_max=max(test),
-        val_mean=mean_std(val)[0],
         steps=at[0]["steps"] if at else 0,
         neumann_steps=at[0].get("neumann_steps") if at else None,
         diverged=sum(r["diverged"] for r in at),
