@@ -196,14 +196,17 @@ def _fused_body(
     phase: str,
     use_weight_decay: bool,
     reduce_norm: bool,
-) -> None:
+) -> Tensor | None:
     """The SPEC's update for every tensor, written once; ``phase`` and the flags are static.
 
     With ``reduce_norm`` (Neumann phase, unsharded parameters) the coefficient is computed here
-    from ``alpha``, ``beta`` and the group norm; otherwise ``coef`` is used as given.
+    from ``alpha``, ``beta`` and the group norm, which is returned; otherwise ``coef`` is used as
+    given and nothing is returned.
     """
+    sq = None
     if phase == "neumann" and reduce_norm:
-        coef = regularizer_coefficient(_sq_body(params, vs).sqrt(), alpha, beta).to(lr.dtype)
+        sq = _sq_body(params, vs)
+        coef = regularizer_coefficient(sq.sqrt(), alpha, beta).to(lr.dtype)
     for w, g, m, v in zip(params, grads, ms, vs, strict=True):
         if use_weight_decay:
             g = g + weight_decay * w
@@ -220,6 +223,7 @@ def _fused_body(
         m.copy_(m_new)
         w.copy_(w_new)
         v.copy_(v + keep * (w_new - v))  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
+    return sq
 
 
 def _sq_body(params: list[Tensor], vs: list[Tensor]) -> Tensor:
@@ -288,8 +292,9 @@ def fused_neumann_update(
     weight_decay: float,
     cubic_weight: float = 0.0,
     repulsive_weight_total: float = 0.0,
-) -> None:
-    """The update of :func:`neumann_update` as one ``torch.compile``d graph.
+) -> Tensor | None:
+    """The update of :func:`neumann_update` as one ``torch.compile``d graph; returns the group's
+    ``sum ||w - v||^2`` when it reduced it itself (``coef=None`` in the ``NEUMANN`` phase).
 
     In the ``NEUMANN`` phase, ``coef=None`` makes the graph reduce the group norm itself (from
     ``cubic_weight`` and ``repulsive_weight_total``, as :func:`regularizer_coefficient`); pass
@@ -306,7 +311,7 @@ def fused_neumann_update(
         return torch.tensor(x, dtype=dtype, device=dev)
 
     c = coef.to(device=dev, dtype=dtype) if coef is not None else scalar(0.0)
-    fn(  # type: ignore[operator]
+    return fn(  # type: ignore[operator, no-any-return]
         params,
         grads,
         ms,

@@ -90,10 +90,14 @@ def _validate_group(group: dict[str, Any]) -> None:
     _check_float("weight_decay", group["weight_decay"], 0.0)
     if group.get("evaluation", "exact") not in _EVALUATION_MODES:
         raise ValueError(f"Neumann: evaluation must be one of {_EVALUATION_MODES}, got {group['evaluation']!r}")
-    if group["regularizer_schedule"] not in ("constant", "lr"):
-        raise ValueError(
-            f"Neumann: regularizer_schedule must be 'constant' or 'lr', got {group['regularizer_schedule']!r}"
-        )
+    sched = group["regularizer_schedule"]
+    if sched not in ("constant", "lr"):
+        ok = isinstance(sched, (int, float)) and not isinstance(sched, bool) and math.isfinite(sched) and sched >= 0
+        if not ok:
+            raise ValueError(
+                "Neumann: regularizer_schedule must be 'constant', 'lr' or a power p >= 0 "
+                f"(alpha, beta scaled by (lr / initial lr) ** p), got {sched!r}"
+            )
 
 
 class Neumann(Optimizer):
@@ -235,6 +239,8 @@ class Neumann(Optimizer):
         self._plain: dict[int, bool] = {}  # per group index: all parameters plain real tensors
         # per group index: (signature of w and v, local sum ||w - v||^2) after the last CPU-kernel pass
         self._carried: dict[int, tuple[tuple, float]] = {}
+        # per group index: what the last applied step did (read through step_record())
+        self._records: dict[int, tuple[Any, ...]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -258,6 +264,7 @@ class Neumann(Optimizer):
         self.__dict__.setdefault("_plain", {})
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__["_carried"] = {}
+        self.__dict__["_records"] = {}
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
@@ -383,7 +390,8 @@ class Neumann(Optimizer):
                     state["v"] = p.detach().clone(memory_format=torch.preserve_format)
                 ms.append(state["m"])
                 vs.append(state["v"])
-            self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs)
+            sq = self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs)
+            self._records[gi] = (plan, float(group["lr"]), sq, *regularizer_weights(group))
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
             group["last_momentum"] = plan.momentum
@@ -411,7 +419,9 @@ class Neumann(Optimizer):
         grads: list[Tensor],
         ms: list[Tensor],
         vs: list[Tensor],
-    ) -> None:
+    ) -> Tensor | float | None:
+        """One group's update on the chosen path; returns the squared group norm ``||w - v||^2``
+        the regularizer used (Neumann phase; ``None`` where the path kept it on the device)."""
         group = self.param_groups[gi]
         plain = self._is_plain(gi)
         lw, lg, lm, lv = (self._local(gi, ts) for ts in (params, grads, ms, vs))
@@ -424,13 +434,13 @@ class Neumann(Optimizer):
             weight_decay=group["weight_decay"],
         )
         if _wants_native(group) and _native_ok(lw, lg, lm, lv):
-            self._native_update(gi, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
-            return
+            return self._native_update(gi, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
         self._carried.pop(gi, None)  # a step on another path: its norm was not summed
         fused = self._use_fused(group, lw)
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(p.device.type != "cpu" for p in lw)
+        sq: Tensor | None = None
         if fused:
             try:
                 coef = None  # the compiled graph reduces the norm itself ...
@@ -439,7 +449,7 @@ class Neumann(Optimizer):
                     coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
                 # detached aliases of the parameters (same storage): the compiled graph then
                 # needs no autograd bookkeeping for inputs that require grad
-                F.fused_neumann_update(
+                reduced = F.fused_neumann_update(
                     [w.detach() for w in lw],
                     lg,
                     lm,
@@ -449,7 +459,7 @@ class Neumann(Optimizer):
                     repulsive_weight_total=beta,
                     **kwargs,
                 )
-                return
+                return sq if sq is not None else reduced
             except Exception as exc:  # compilation unavailable: fall back for good, loudly
                 self._fused_fallback(exc)
             foreach = True
@@ -458,6 +468,7 @@ class Neumann(Optimizer):
             sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
         F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, **kwargs)
+        return sq
 
     # ------------------------------------------------------------------ the CPU kernel
     def _native_update(
@@ -477,11 +488,11 @@ class Neumann(Optimizer):
         momentum: float,
         ema_decay: float,
         weight_decay: float,
-    ) -> None:
+    ) -> float | None:
         """One pass of the C kernel. The group norm a regular step needs is the one the
         previous pass summed, if no tensor changed since (same tensors, same version counters);
         otherwise it is summed afresh (one read of ``w`` and ``v``)."""
-        coef = 0.0
+        coef, sq = 0.0, None
         if phase is Phase.NEUMANN:
             carried = self._carried.get(gi)
             if carried is not None and carried[0] == _signature(params, vs, lw, lv):
@@ -504,6 +515,7 @@ class Neumann(Optimizer):
             weight_decay=weight_decay,
         )
         self._carried[gi] = (_signature(params, vs, lw, lv), sq_next)
+        return sq
 
     def _fused_fallback(self, exc: Exception) -> None:
         self._fused_failed = True
@@ -525,6 +537,38 @@ class Neumann(Optimizer):
                 raise RuntimeError("Neumann(fused=True) needs the parameters of a group on one device, in one dtype")
             return False
         return True
+
+    def step_record(self, group: int = 0) -> dict[str, Any] | None:
+        """What the last applied step of param group ``group`` did, as plain Python numbers
+        (``None`` before its first step). Reading it synchronises with the device once.
+
+        Keys: ``step`` (s), ``phase`` (``"burn_in"``, ``"reset"`` or ``"neumann"``), ``lr``,
+        ``momentum`` (mu), ``distance`` (r = ||w - v|| over the group before the update; ``None``
+        outside the regularized phase, and on the compiled path for sharded groups), ``cubic_weight``
+        and ``repulsive_weight_total`` (alpha and beta as applied, schedules included),
+        ``coefficient`` (c = alpha r - beta / r^3, so the regularizer's displacement is ``c x``),
+        ``repulsive_force`` (beta / r^2, the norm of the repulsive term of ``d``) and
+        ``cubic_force`` (alpha r^2). Not saved in ``state_dict()``.
+        """
+        rec = self._records.get(group)
+        if rec is None:
+            return None
+        plan, lr, sq, alpha, beta = rec
+        r = math.sqrt(float(sq)) if sq is not None and float(sq) >= 0 else None
+        regularized = plan.phase is Phase.NEUMANN and r is not None
+        ok = regularized and math.isfinite(r) and r > 0  # type: ignore[arg-type]
+        return dict(
+            step=self.param_groups[group]["step"],
+            phase=plan.phase.value,
+            lr=lr,
+            momentum=plan.momentum,
+            distance=r if regularized else None,
+            cubic_weight=alpha,
+            repulsive_weight_total=beta,
+            coefficient=(alpha * r - beta / r**3) if ok else (0.0 if regularized else None),  # type: ignore[operator]
+            repulsive_force=(beta / r**2) if ok else (0.0 if regularized else None),  # type: ignore[operator]
+            cubic_force=(alpha * r**2) if ok else (0.0 if regularized else None),  # type: ignore[operator]
+        )
 
     # ------------------------------------------------------------------ evaluation weights
     @torch.no_grad()
@@ -659,13 +703,21 @@ class Neumann(Optimizer):
                     )
 
 
+def regularizer_scale(group: dict[str, Any]) -> float:
+    """The factor on ``alpha`` and ``beta`` at the group's next step: 1 (``"constant"``, the
+    paper), ``lr / reference_lr`` (``"lr"``) or ``(lr / reference_lr) ** p`` (a number ``p``)."""
+    sched = group["regularizer_schedule"]
+    if sched == "constant" or group["reference_lr"] <= 0:
+        return 1.0
+    ratio = float(group["lr"]) / group["reference_lr"]
+    return ratio if sched == "lr" else ratio ** float(sched)
+
+
 def regularizer_weights(group: dict[str, Any]) -> tuple[float, float]:
     """``(alpha, beta)`` of a group's next regularized step: ``beta = repulsive_weight * n``, both
-    scaled by ``lr / reference_lr`` under ``regularizer_schedule="lr"``."""
+    scaled by :func:`regularizer_scale`."""
     n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
-    scale = 1.0
-    if group["regularizer_schedule"] == "lr" and group["reference_lr"] > 0:
-        scale = float(group["lr"]) / group["reference_lr"]
+    scale = regularizer_scale(group)
     return scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
 
 

@@ -14,14 +14,16 @@ from pathlib import Path
 from .report import write_report
 from .runner import Runner
 from .studies import STUDIES, Settings
+from .train import SCHEDULES
 
-ALL_ORDER = ["compare", "seeds", "ablation", "batch-scaling", "curvature"]
+ALL_ORDER = ["compare", "seeds", "ablation", "batch-scaling", "curvature", "regularizers"]
 
 
 def _studies() -> dict:
     from .curvature import curvature
+    from .regularizers import regularizers
 
-    return {**STUDIES, "curvature": curvature}
+    return {**STUDIES, "curvature": curvature, "regularizers": regularizers}
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -84,11 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         help="where 'all' and 'report' write the reproduction report",
     )
     p.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="learning-rate schedule of every run: cosine decay to 0 (default, the documented results), or the "
+        "paper's (linear ramp over 5 epochs, then x0.3 every fifth of the budget); 'regularizers' sets its own",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one core each (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     _check(p, args)
-    settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs)
+    settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs, schedule=args.schedule)
     if args.task:
         settings.task4k = settings.task_large = args.task
     runner = Runner(

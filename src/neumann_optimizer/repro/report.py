@@ -34,6 +34,11 @@ CLAIMS = {
         "Along training, lambda_max of the mini-batch Hessian grows about linearly and "
         "lambda_min rises towards 0 from below.",
     ),
+    "regularizers": (
+        "Section 3.2, Table 1",
+        "The repulsive term keeps the iterate away from the moving average and starts to dominate when the "
+        "learning rate becomes small; the paper's constant alpha and beta are used throughout training.",
+    ),
 }
 
 PROTOCOL = """\

@@ -42,6 +42,7 @@ class Settings:
     task4k: str = "mnist1d-4k"
     task_large: str = "mnist1d-36k"  # batch-scaling and compare's second task
     epochs: int | None = None  # overrides every study's epoch budget (tests, smoke runs)
+    schedule: str = "cosine"  # the learning-rate schedule of every run (train.SCHEDULES)
 
     def budget(self, quick: int, full: int) -> int:
         return self.epochs if self.epochs is not None else (quick if self.quick else full)
@@ -51,8 +52,17 @@ class Settings:
 
     @property
     def is_full(self) -> bool:
-        """The documented settings: what ``docs/results/`` holds."""
-        return not self.quick and self.epochs is None
+        """The documented settings: what ``docs/results/`` holds (the regularizers study sets its
+        schedules per cell; the others are documented with cosine decay)."""
+        return not self.quick and self.epochs is None and self.schedule == "cosine"
+
+    def scheduled(self, cfg: dict[str, Any], warmup_epochs: int = 5) -> dict[str, Any]:
+        """``cfg`` under this run's schedule: with ``"paper"`` every optimizer, Neumann included,
+        ramps up over ``warmup_epochs`` (at most half the budget) and then decays in steps."""
+        cfg = {**cfg, "schedule": self.schedule}
+        if self.schedule == "paper":
+            cfg["warmup_epochs"] = min(warmup_epochs, cfg["epochs"] // 2)
+        return cfg
 
 
 def base_cfg(**kw: Any) -> dict[str, Any]:
@@ -122,7 +132,7 @@ def compare(runner: Runner, s: Settings) -> str:
         meta_tasks[name] = dict(task=task, model=model, batch=batch, epochs=epochs)
         for opt in optimizers:
             cfg = base_cfg(task=task, model=model, optimizer=opt, batch=batch, epochs=epochs)
-            cells[f"{name}/{opt}"] = (cfg, COMPARE_CENTRES[opt])
+            cells[f"{name}/{opt}"] = (s.scheduled(cfg), COMPARE_CENTRES[opt])
     runs = tune(runner, cells, protocol, "compare")
     payload = dict(
         study="compare",
@@ -230,7 +240,7 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
             cfg = base_cfg(task=st["task"], model=st["model"], batch=b, epochs=st["epochs"], **v)
             if v["optimizer"] != "neumann":  # Neumann's burn-in and momentum ramp are its warmup
                 cfg["warmup_epochs"] = warmup
-            cells[f"{name}/{b}"] = (cfg, centre * math.sqrt(b / 256))
+            cells[f"{name}/{b}"] = (s.scheduled(cfg, warmup), centre * math.sqrt(b / 256))
     runs = tune(runner, cells, protocol, "batch-scaling")
     payload = dict(
         study="batch-scaling",
@@ -334,8 +344,11 @@ def ablation(runner: Runner, s: Settings) -> str:
     for model in models:
         common = dict(task=s.task4k, model=model, lr=ABLATION_LRS[model], batch=128, epochs=epochs)
         for v in ABLATIONS.values():
-            configs += [base_cfg(**common, optimizer="neumann", seed=k, track_regularizer=True, **v) for k in range(n)]
-        configs += [base_cfg(**common, optimizer="sgd", seed=k) for k in range(n)]  # SGD at the same lr
+            configs += [
+                s.scheduled(base_cfg(**common, optimizer="neumann", seed=k, track_regularizer=True, **v))
+                for k in range(n)
+            ]
+        configs += [s.scheduled(base_cfg(**common, optimizer="sgd", seed=k)) for k in range(n)]  # SGD at the same lr
     runs = runner.run_all(configs, "ablation")
     payload = dict(
         study="ablation",
@@ -425,7 +438,7 @@ def seeds(runner: Runner, s: Settings) -> str:
                 lrs[opt] = summ[f"mlp-4k/{opt}"]["lr"]
                 source = "tuned in `compare`"
     configs = [
-        base_cfg(task=task, model=model, optimizer=opt, lr=lr, batch=128, epochs=epochs, seed=seed)
+        s.scheduled(base_cfg(task=task, model=model, optimizer=opt, lr=lr, batch=128, epochs=epochs, seed=seed))
         for opt, lr in lrs.items()
         for seed in range(n)
     ]
@@ -468,8 +481,10 @@ STUDIES: dict[str, Callable[[Runner, Settings], str]] = {
 
 def renderers() -> dict[str, Callable[[Payload, Path], Rendered]]:
     from .curvature import render_curvature
+    from .regularizers import render_regularizers
 
     return {
+        "regularizers": render_regularizers,
         "compare": render_compare,
         "batch-scaling": render_batch_scaling,
         "ablation": render_ablation,

@@ -12,7 +12,9 @@ on it, test errors are reported on the test split.
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +57,16 @@ def load_mnist1d(name: str, cache_dir: Path) -> Dataset:
         args = get_dataset_args()
         args.num_samples = MNIST1D_SIZES[name]
         d = make_dataset(args)  # generated locally, never get_dataset (which downloads)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
-        tmp.replace(path)
+        # a private temporary name: concurrent workers and processes may generate the same set at once;
+        # each writes its own file and the atomic rename makes one of them the cache
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz", dir=cache_dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     z = np.load(path)
     # channel axis for the CNN; the MLP flattens
     return _split(name, z["x"][:, None, :], z["y"], z["x_test"][:, None, :], z["y_test"], 10)
@@ -163,10 +172,11 @@ class ResNetSmall(nn.Module):
         return self.net(x)
 
 
-def make_model(name: str, data: Dataset) -> nn.Module:
+def make_model(name: str, data: Dataset, width: int | None = None) -> nn.Module:
+    """``mlp`` (two hidden layers, ``width`` 256 by default) or ``cnn``."""
     shape = data.input_shape
     if name == "mlp":
-        return MLP(int(np.prod(shape)), data.num_classes)
+        return MLP(int(np.prod(shape)), data.num_classes, width=width or 256)
     if name == "cnn":
         return ResNetSmall(shape[0], data.num_classes, dims=len(shape) - 1)
     raise ValueError(f"unknown model {name!r}; choose 'mlp' or 'cnn'")

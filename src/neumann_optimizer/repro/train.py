@@ -2,11 +2,19 @@
 
 A run config is a flat dict (hashed for the cache)::
 
-    task, model, optimizer, lr, batch, epochs, seed, warmup_epochs,
+    task, model, optimizer, lr, batch, epochs, seed, warmup_epochs, schedule,
+    optionally width (of the MLP's hidden layers, default 256),
     and for Neumann: cubic_weight, repulsive_weight, burn_in_epochs, regularizer_schedule
 
-Every optimizer uses the same schedule family: linear warmup over ``warmup_epochs`` (baselines;
-Neumann's burn-in and momentum ramp are its own warmup), then cosine decay to 0 at the end.
+Every optimizer uses the same schedule family, ``schedule`` (absent: ``"cosine"``):
+
+- ``"cosine"``: linear warmup over ``warmup_epochs`` (baselines; Neumann's burn-in and momentum
+  ramp are its own warmup), then cosine decay to 0 at the end.
+- ``"paper"``: the paper's schedule (its section 4: a linear ramp over the first epochs, then the
+  rate multiplied by 0.3 every 40 of its ~200 epochs), scaled to the budget: a linear ramp over
+  ``warmup_epochs`` for every optimizer, Neumann included (its burn-in runs during the ramp, as in
+  the paper's synchronous runs), then x0.3 every ``epochs / 5`` epochs (10 of 50), counted from
+  the start of training.
 Neumann is evaluated with its evaluation weights ``w - mu m`` and, for BatchNorm models, with
 BatchNorm statistics recomputed for those weights (``torch.optim.swa_utils.update_bn``).
 """
@@ -16,18 +24,24 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import Neumann, regularizer_weights
-from ..schedule import Phase, plan_step
+from ..optimizer import Neumann
 from .tasks import Dataset, has_batchnorm, make_model
 
 OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
+
+
+SCHEDULES = ("cosine", "paper")
+PAPER_DECAY = 0.3  # the paper's staircase factor
+PAPER_DECAYS_PER_RUN = 5  # the paper: every 40 epochs of ~200
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -36,6 +50,26 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     span = max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def paper_lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear ramp for ``warmup`` steps, times 0.3 every ``total / 5`` steps (from step 0)."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    interval = max(1, total // PAPER_DECAYS_PER_RUN)
+    return ramp * PAPER_DECAY ** min(step // interval, PAPER_DECAYS_PER_RUN - 1)
+
+
+def schedule_factor(cfg: dict[str, Any], total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate factor of a run's step ``k`` (``LambdaLR``'s lambda)."""
+    schedule = cfg.get("schedule", "cosine")
+    warmup = int(cfg.get("warmup_epochs", 0) * steps_per_epoch)
+    if schedule == "paper":
+        return functools.partial(paper_lr_factor, total=total, warmup=warmup)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+    if cfg["optimizer"] == "neumann":  # its burn-in and momentum ramp are its own warmup
+        warmup = 0
+    return functools.partial(lr_factor, total=total, warmup=warmup)
 
 
 def make_optimizer(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int) -> torch.optim.Optimizer:
@@ -83,24 +117,34 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> tu
 
 
 class _RegularizerMonitor:
-    """Fraction of regularized Neumann steps whose repulsive force ``beta/r^2`` exceeds ``||g||``."""
+    """Reads the optimizer's own record of each step (:meth:`Neumann.step_record`): the fraction of
+    regularized steps whose repulsive force ``beta/r^2`` exceeds the mini-batch gradient norm, and a
+    per-epoch trace of ``r = ||w - v||``, the learning rate and that fraction."""
 
     def __init__(self) -> None:
         self.wins: list[tuple[int, bool]] = []  # (step index, repulsive force > ||g||)
+        self._epoch: list[tuple[float, bool]] = []  # (r, repulsive > ||g||) of this epoch's steps
 
     @torch.no_grad()
     def observe(self, opt: Neumann) -> None:
-        group = opt.param_groups[0]
-        s = group["step"] + 1
-        if plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group).phase is not Phase.NEUMANN:
+        """After ``opt.step()``, with the step's gradients still in place."""
+        rec = opt.step_record(0)
+        if rec is None or rec["phase"] != "neumann" or rec["distance"] is None:
             return
-        ps = [p for p in group["params"] if p.grad is not None and p in opt.state]
-        if not ps:
-            return
-        r2 = sum(float((p - opt.state[p]["v"]).pow(2).sum()) for p in ps)
+        ps = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
         g = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps))
-        _, beta = regularizer_weights(group)
-        self.wins.append((s, r2 > 0 and beta / r2 > g))
+        win = rec["repulsive_force"] > g
+        self.wins.append((rec["step"], win))
+        self._epoch.append((rec["distance"], win))
+
+    def end_epoch(self, opt: Neumann) -> dict[str, float | None]:
+        """The trace entry of the epoch that just ended (mean r and fraction over its regularized steps)."""
+        steps, self._epoch = self._epoch, []
+        return dict(
+            lr=float(opt.param_groups[0]["lr"]),
+            distance=statistics.fmean(r for r, _ in steps) if steps else None,
+            repulsive_exceeds_grad=statistics.fmean(float(w) for _, w in steps) if steps else None,
+        )
 
     def fractions(self, total_steps: int) -> tuple[float, float]:
         """Over all regularized steps, and over those in the last 10% of training."""
@@ -124,14 +168,13 @@ def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, A
 
 def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(cfg["seed"])
-    model = make_model(cfg["model"], data).to(device)
+    model = make_model(cfg["model"], data, cfg.get("width")).to(device)
     n = len(data.x_train)
     batch = cfg["batch"]
     steps_per_epoch = max(1, n // batch)
     total = steps_per_epoch * cfg["epochs"]
     opt = make_optimizer(cfg, model, steps_per_epoch)
-    warmup = int(cfg.get("warmup_epochs", 0) * steps_per_epoch) if cfg["optimizer"] != "neumann" else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total, steps_per_epoch))
     is_neumann = isinstance(opt, Neumann)
     bn = has_batchnorm(model)
     monitor = _RegularizerMonitor() if (is_neumann and cfg.get("track_regularizer")) else None
@@ -157,9 +200,9 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
+            opt.step()
             if monitor is not None:
                 monitor.observe(opt)  # type: ignore[arg-type]
-            opt.step()
             sched.step()
             loss_sum += loss.item()
         train_loss = loss_sum / steps_per_epoch
@@ -180,16 +223,17 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             opt.train()  # type: ignore[attr-defined]
         if not math.isfinite(val_loss):
             diverged = True
-        history.append(
-            dict(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                val_error=val_err,
-                test_loss=test_loss,
-                test_error=test_err,
-            )
+        entry: dict[str, Any] = dict(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_error=val_err,
+            test_loss=test_loss,
+            test_error=test_err,
         )
+        if monitor is not None:
+            entry.update(monitor.end_epoch(opt))  # type: ignore[arg-type]
+        history.append(entry)
         if diverged:
             break
     steps = steps_per_epoch * len(history)  # optimizer steps taken (fewer when a run diverged)

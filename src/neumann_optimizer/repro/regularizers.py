@@ -1,0 +1,250 @@
+"""``neumann-repro regularizers``: does Neumann keep its best quality to the end of a run?
+
+The late loss (issue 14): with a decaying learning rate, the paper's repulsive term ``beta/r``
+grows to dominate the update, because ``r = ||w - v||`` shrinks with the step size. The study
+measures, per cell (schedule x batch x task x width) and per regularizer variant, tuned by the
+tuning protocol: the final test error, the best mean test error along the run, their difference
+(the late loss), the fraction of regularized steps whose repulsive force ``beta/r^2`` exceeds the
+gradient norm, and a trace of ``r``, ``eta`` and test error along the run (read from the optimizer's
+own :meth:`~neumann_optimizer.Neumann.step_record`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .runner import Runner, final, fmt, mean_curve, mean_std
+from .studies import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
+from .tuning import Protocol, summarize, tune
+
+# name -> (label, the Neumann arguments that differ from the paper's Table 1)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "paper": ("paper's regularizers (Table 1)", {}),
+    "no-repulsive": ("no repulsive term (beta = 0)", dict(repulsive_weight=0.0)),
+    "no-regularizers": ("no regularizers (alpha = beta = 0)", dict(cubic_weight=0.0, repulsive_weight=0.0)),
+    "lr": ("alpha, beta x (eta/eta_0)", dict(regularizer_schedule="lr")),
+    "lr^2": ("alpha, beta x (eta/eta_0)^2", dict(regularizer_schedule=2.0)),
+    "lr^3": ("alpha, beta x (eta/eta_0)^3", dict(regularizer_schedule=3.0)),
+}
+# the expensive wide cell runs only these, plus the variant the narrow cells choose (choose_default)
+WIDE_VARIANTS = ("paper", "no-repulsive")
+
+
+def regularizers_settings(s: Settings) -> dict[str, Any]:
+    """Cells: name -> (config without optimizer arguments, lr, seed; centre of the first grid)."""
+    cells: dict[str, tuple[dict[str, Any], float]] = {}
+    if s.quick:
+        for sched in ("cosine", "paper"):
+            cfg = base_cfg(task=s.task4k, model="mlp", batch=128, epochs=s.budget(12, 12), schedule=sched)
+            if sched == "paper":
+                cfg["warmup_epochs"] = min(5, cfg["epochs"] // 2)
+            cells[f"{sched}/128/4k"] = (cfg, 0.3)
+        return dict(cells=cells, wide=None)
+    epochs = s.budget(50, 50)
+    for sched in ("cosine", "paper"):
+        for b in (128, 1024):
+            cfg = base_cfg(task=s.task_large, model="mlp", batch=b, epochs=epochs, schedule=sched)
+            if sched == "paper":
+                cfg["warmup_epochs"] = 5  # the ramp; Neumann's 5-epoch burn-in runs during it
+            cells[f"{sched}/{b}"] = (cfg, math.sqrt(b / 256))  # batch-scaling's centres
+    # the ablation's setting (where the paper's regularizers helped)
+    cells["cosine/128/4k"] = (base_cfg(task=s.task4k, model="mlp", batch=128, epochs=s.budget(40, 40)), 0.3)
+    wide = base_cfg(task=s.task_large, model="mlp", width=1024, batch=1024, epochs=epochs, schedule="cosine")
+    return dict(cells=cells, wide=(wide, 1.0))
+
+
+def regularizers(runner: Runner, s: Settings) -> str:
+    st = regularizers_settings(s)
+    protocol = (
+        Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=1)
+        if s.quick
+        else Protocol(points=5, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=6)
+    )
+    wide_protocol = Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=2, refine=False)
+
+    def cell_set(cells: dict[str, tuple[dict[str, Any], float]], names: tuple[str, ...]) -> dict[str, Any]:
+        out = {}
+        for cname, (cfg, centre) in cells.items():
+            for v in names:
+                out[f"{cname}/{v}"] = ({**cfg, "optimizer": "neumann", "track_regularizer": True, **VARIANTS[v][1]}, centre)
+        return out
+
+    runs = tune(runner, cell_set(st["cells"], tuple(VARIANTS)), protocol, "regularizers")
+    if st["wide"] is not None:
+        rows = _rows(runs, protocol, protocol)
+        chosen = choose_default(rows)
+        wide = WIDE_VARIANTS + ((chosen,) if chosen and chosen not in WIDE_VARIANTS else ())
+        runs.update(tune(runner, cell_set({"wide/1024": st["wide"]}, wide), wide_protocol, "regularizers"))
+    meta_cells = {name: {k: v for k, v in cfg.items()} for name, (cfg, _) in st["cells"].items()}
+    if st["wide"] is not None:
+        meta_cells["wide/1024"] = dict(st["wide"][0])
+    payload = dict(
+        study="regularizers",
+        meta=dict(
+            cells=meta_cells,
+            variants={k: dict(label=lab, args=a) for k, (lab, a) in VARIANTS.items()},
+            protocol=protocol.as_dict(),
+            wide_protocol=wide_protocol.as_dict(),
+        ),
+        runs=[r for cell in runs.values() for r in cell],
+    )
+    return finish(runner, s, payload)
+
+
+def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return 2 * math.sqrt(a["test_std"] ** 2 / max(a["seeds"], 1) + b["test_std"] ** 2 / max(b["seeds"], 1))
+
+
+def cell_summary(runs: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
+    """A (cell, variant)'s tuned choice, final and best test error along the run, late loss, and
+    the repulsive-force fractions, over the final seeds at the chosen rate."""
+    row = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
+    at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
+    curve = mean_curve(at)
+    best = min(curve)
+    fr = [r.get("repulsive_exceeds_grad_fraction") for r in at]
+    fr_last = [r.get("repulsive_exceeds_grad_fraction_last10") for r in at]
+    bests = [min(h["test_error"] for h in r["history"]) if r["history"] else math.inf for r in at]
+    row.update(
+        curve=curve,
+        best=best,
+        best_epoch=curve.index(best) + 1,
+        late_loss=row["test_mean"] - best,
+        late_loss_per_seed=mean_std(final(r) - b for r, b in zip(at, bests, strict=True)),
+        repulsive_fraction=mean_std(f for f in fr if f is not None)[0],
+        repulsive_fraction_last10=mean_std(f for f in fr_last if f is not None)[0],
+        trace=sorted(at, key=lambda r: r["config"]["seed"])[0]["history"] if at else [],
+    )
+    return row
+
+
+def _rows(
+    cells: dict[str, list[dict[str, Any]]], protocol: Protocol, wide_protocol: Protocol
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """cell -> variant -> :func:`cell_summary`."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, runs in cells.items():
+        cname, variant = key.rsplit("/", 1)
+        rows.setdefault(cname, {})[variant] = cell_summary(runs, wide_protocol if cname == "wide/1024" else protocol)
+    return rows
+
+
+def choose_default(rows: dict[str, dict[str, dict[str, Any]]]) -> str | None:
+    """Among the variants that :func:`qualifies`, the one with the lowest mean final error over the
+    cells (``None`` if none qualifies: the paper's regularizers stay)."""
+    ok = [v for v in VARIANTS if v != "paper" and qualifies(rows, v)[0]]
+    if not ok:
+        return None
+    return min(ok, key=lambda v: mean_std(per_v[v]["test_mean"] for per_v in rows.values() if v in per_v)[0])
+
+
+def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
+    meta = payload["meta"]
+    protocol = Protocol(**meta["protocol"])
+    wide_protocol = Protocol(**meta["wide_protocol"])
+    labels = {k: v["label"] for k, v in meta["variants"].items()}
+    rows = _rows(_cells(payload["runs"]), protocol, wide_protocol)
+    lines = [
+        "# regularizers: does Neumann keep its best quality to the end of the run?\n",
+        "Every cell tuned by the tuning protocol (the wide cell: a 3-rate grid, no refinement), then "
+        f"{protocol.final_seeds} seeds at the chosen rate. 'final': test error (%) at the last epoch, mean ± std over "
+        "those seeds; 'best (epoch)': the lowest mean test error along the run; 'late loss': final - best "
+        "(what the end of training gave back); 'repulsive > |g|': fraction of regularized steps whose repulsive "
+        "force beta/r^2 exceeded the mini-batch gradient norm, whole run / last 10% of steps; 'vs paper': the "
+        "final error's difference from the paper's regularizers in the same cell (negative: better), judged by "
+        "the two-standard-error rule.\n",
+    ]
+    summary: dict[str, Any] = {}
+    for cname, per_v in rows.items():
+        c = meta["cells"][cname]
+        sched = c.get("schedule", "cosine")
+        lines += [
+            f"\n## {cname}: MLP (width {c.get('width', 256)}) on {c['task']}, batch {c['batch']}, {c['epochs']} epochs, "
+            f"{sched} schedule\n",
+            "| variant | tuned lr | rates tried | final % | best % (epoch) | late loss | repulsive > |g| | vs paper |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ref = per_v.get("paper")
+        for v, row in per_v.items():
+            vs = "—"
+            if ref is not None and v != "paper":
+                diff = row["test_mean"] - ref["test_mean"]
+                noise = _noise(row, ref)
+                word = "better" if diff < -noise else ("worse" if diff > noise else "tie")
+                vs = f"{diff:+.2f} ({word}, noise {noise:.2f})"
+            lines.append(
+                f"| {labels[v]} | {row['lr']:g} | {len(row['tried'])}: {min(row['tried']):g}-{max(row['tried']):g}"
+                f"{'' if row['interior'] else ' (EDGE)'} | {fmt(row['test_mean'], row['test_std'])} | "
+                f"{row['best']:.2f} ({row['best_epoch']}) | {row['late_loss']:+.2f} | "
+                f"{row['repulsive_fraction']:.2f} / {row['repulsive_fraction_last10']:.2f} | {vs} |"
+            )
+            summary[f"{cname}/{v}"] = {
+                k: row[k]
+                for k in ("lr", "interior", "test_mean", "test_std", "seeds", "best", "best_epoch", "late_loss")
+            }
+    chosen = choose_default(rows)
+    lines += ["\n## Which variant could be the default\n", *_default_rule(rows, labels)]
+    lines.append(
+        f"\nChosen by that rule (lowest mean final error among those that qualify): **{labels[chosen]}**"
+        if chosen
+        else "\nNo variant qualifies: the paper's regularizers stay the default."
+    )
+    summary["chosen"] = chosen
+    _plot(rows, meta, labels, out_dir)
+    return "\n".join(lines) + "\n", summary
+
+
+def qualifies(rows: dict[str, dict[str, dict[str, Any]]], variant: str) -> tuple[bool, list[str]]:
+    """SPEC section 7's rule as issue 14 states it: final error no worse than the paper's defaults
+    beyond noise in every measured cell, and better beyond noise in the large-batch (1,024) ones."""
+    why = []
+    ok = True
+    for cname, per_v in rows.items():
+        ref, row = per_v.get("paper"), per_v.get(variant)
+        if ref is None or row is None:
+            continue
+        diff, noise = row["test_mean"] - ref["test_mean"], _noise(row, ref)
+        if diff > noise:
+            ok = False
+            why.append(f"worse in {cname} ({diff:+.2f}, noise {noise:.2f})")
+        if cname.split("/")[1] == "1024" and not diff < -noise:
+            ok = False
+            why.append(f"not better in {cname} ({diff:+.2f}, noise {noise:.2f})")
+    return ok, why
+
+
+def _default_rule(rows: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str]) -> list[str]:
+    out = [
+        "A variant may become the default only if its final error is no worse than the paper's regularizers "
+        "beyond noise in every cell and better beyond noise in the batch-1,024 ones:\n",
+    ]
+    variants = [v for v in labels if v != "paper" and any(v in per_v for per_v in rows.values())]
+    for v in variants:
+        ok, why = qualifies(rows, v)
+        late = [per_v[v]["late_loss"] for per_v in rows.values() if v in per_v]
+        out.append(
+            f"- {labels[v]}: {'**qualifies**' if ok else 'does not qualify'}"
+            f"{' (' + '; '.join(why) + ')' if why else ''}; late loss at most {max(late):+.2f} points"
+        )
+    return out
+
+
+def _plot(rows: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], labels: dict[str, str], out: Path) -> None:
+    plt = _plt()
+    names = list(rows)
+    fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 9), squeeze=False, sharex="col")
+    for j, cname in enumerate(names):
+        for v, row in rows[cname].items():
+            tr = row["trace"]
+            ep = [h["epoch"] for h in tr]
+            axes[0][j].plot(range(1, len(row["curve"]) + 1), row["curve"], label=labels[v])
+            axes[1][j].plot(ep, [h.get("distance") or math.nan for h in tr], label=labels[v])
+            axes[2][j].plot(ep, [h.get("lr", math.nan) for h in tr], label=labels[v])
+        best = min(r["best"] for r in rows[cname].values())
+        axes[0][j].set(title=cname, ylabel="test error % (mean of seeds)", ylim=(0.8 * best, 2.2 * best))
+        axes[1][j].set(yscale="log", ylabel="||w - v|| (epoch mean, seed 0)")
+        axes[2][j].set(yscale="log", ylabel="learning rate (end of epoch)", xlabel="epoch")
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, out / "regularizers.png")
