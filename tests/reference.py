@@ -26,6 +26,7 @@ class RefGroup:
     beta_per_n: float
     gamma: float
     wd: float
+    reg_power: float = 0.0  # alpha, beta x (eta / lr)^p: 0 is the paper's constant regularizers
     m: np.ndarray = field(init=False)
     v: np.ndarray = field(init=False)
     s: int = 0
@@ -58,9 +59,10 @@ class RefGroup:
         else:
             x = self.w - self.v
             r = float(np.sqrt(np.sum(x * x)))
-            beta = self.beta_per_n * self.w.size
+            scale = (eta / self.lr) ** self.reg_power if self.reg_power else 1.0
+            alpha, beta = scale * self.alpha, scale * self.beta_per_n * self.w.size
             if r > 0 and math.isfinite(r):
-                d = g + (self.alpha * r**2 - beta / r**2) * x / r
+                d = g + (alpha * r**2 - beta / r**2) * x / r
             else:
                 d = g
             self.m = mu * self.m - eta * d
