@@ -19,9 +19,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-
 import neumann_optax
+import optax
 
 
 def transformer_like(million: float, d: int = 512, vocab: int = 1024, seed: int = 0) -> dict:

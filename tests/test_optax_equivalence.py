@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import neumann_optax
 import numpy as np
 import optax
 import torch
@@ -14,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import RefGroup
 
-import neumann_optax
 from neumann_optimizer import Neumann
 
 jax.config.update("jax_enable_x64", True)
@@ -90,7 +90,9 @@ def test_jax_torch_and_reference_trajectories_agree(hp, seed, steps, fused):
         m_jax = np.concatenate([np.asarray(x).ravel() for x in state.m])
         np.testing.assert_allclose(w_jax, ref.w, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX vs reference")
         np.testing.assert_allclose(m_jax, ref.m, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX m vs reference")
-        np.testing.assert_allclose(w_jax, flat(problem.params[0]), rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX vs torch")
+        np.testing.assert_allclose(
+            w_jax, flat(problem.params[0]), rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX vs torch"
+        )
     ev = np.concatenate([np.asarray(x).ravel() for x in neumann_optax.evaluation_params(params, state)])
     np.testing.assert_allclose(ev, ref.eval_weights(), rtol=0, atol=1e-9)
     np.testing.assert_allclose(ev, flat(opt.evaluation_weights().values()), rtol=0, atol=1e-9)

@@ -15,11 +15,10 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import neumann_optax
 import numpy as np
 import optax
 import pytest
-
-import neumann_optax
 from neumann_optax import NeumannState, evaluation_params, neumann
 
 jax.config.update("jax_enable_x64", True)
@@ -30,7 +29,9 @@ HP = dict(burn_in_steps=3, reset_steps=2, momentum_ramp_steps=2.0, cubic_weight=
 def problem(seed: int = 0, dtype=jnp.float64):
     rng = np.random.default_rng(seed)
     shapes = {"dense": {"kernel": (4, 3), "bias": (3,)}, "out": (5,)}
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s), dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
     curv = jax.tree.map(lambda p: jnp.asarray(rng.uniform(0.5, 2.0, size=p.shape), dtype), params)
 
     def loss(p):
@@ -87,7 +88,13 @@ def test_reduces_to_nesterov_sgd_without_regularizers():
     params, loss = problem(1)
     mu, lr, steps = 0.9, 0.02, 25
     tx = neumann(
-        lr, burn_in_steps=0, reset_steps=10**6, momentum=mu, momentum_ramp_steps=1, cubic_weight=0.0, repulsive_weight=0.0
+        lr,
+        burn_in_steps=0,
+        reset_steps=10**6,
+        momentum=mu,
+        momentum_ramp_steps=1,
+        cubic_weight=0.0,
+        repulsive_weight=0.0,
     )
     p_neu, st = run(tx, params, loss, steps, jit=False)
     # the displaced form's first step is a reset (m = -lr g), which equals Nesterov's first step
@@ -129,13 +136,19 @@ def test_inside_chain_multisteps_apply_if_finite_and_inject_hyperparams():
     # chain with an identity-like clip (large threshold) and a zero weight decay: same trajectory
     chained, st = run(optax.chain(optax.clip_by_global_norm(1e6), neumann(0.05, **HP)), params, loss, 15)
     np.testing.assert_allclose(flat(chained), flat(base), rtol=0, atol=1e-13)
-    np.testing.assert_array_equal(flat(evaluation_params(chained, st)), flat(evaluation_params(*run(neumann(0.05, **HP), params, loss, 15))))
+    np.testing.assert_array_equal(
+        flat(evaluation_params(chained, st)), flat(evaluation_params(*run(neumann(0.05, **HP), params, loss, 15)))
+    )
     # inject_hyperparams: the learning rate becomes state, same trajectory, and can be changed
     inj = optax.inject_hyperparams(neumann)(learning_rate=0.05, **HP)
     p_inj, st_inj = run(inj, params, loss, 15)
     np.testing.assert_allclose(flat(p_inj), flat(base), rtol=0, atol=1e-13)
     assert float(st_inj.hyperparams["learning_rate"]) == 0.05
-    np.testing.assert_allclose(flat(evaluation_params(p_inj, st_inj)), flat(evaluation_params(*run(neumann(0.05, **HP), params, loss, 15))), atol=1e-13)
+    np.testing.assert_allclose(
+        flat(evaluation_params(p_inj, st_inj)),
+        flat(evaluation_params(*run(neumann(0.05, **HP), params, loss, 15))),
+        atol=1e-13,
+    )
     # MultiSteps(k): k micro-batches with the same gradient = one step on that gradient
     # (its accumulator is float32 by default: float64 here, so the mean of 3 equal gradients is exact)
     tx_ms = optax.MultiSteps(neumann(0.05, **HP), every_k_schedule=3, accumulator_dtype=jnp.float64)

@@ -311,7 +311,7 @@ def fused_neumann_update(
         return torch.tensor(x, dtype=dtype, device=dev)
 
     c = coef.to(device=dev, dtype=dtype) if coef is not None else scalar(0.0)
-    return fn(  # type: ignore[operator, no-any-return]
+    return fn(  # type: ignore[operator]
         params,
         grads,
         ms,

@@ -554,21 +554,29 @@ class Neumann(Optimizer):
         if rec is None:
             return None
         plan, lr, sq, alpha, beta = rec
-        r = math.sqrt(float(sq)) if sq is not None and float(sq) >= 0 else None
-        regularized = plan.phase is Phase.NEUMANN and r is not None
-        ok = regularized and math.isfinite(r) and r > 0  # type: ignore[arg-type]
-        return dict(
+        out: dict[str, Any] = dict(
             step=self.param_groups[group]["step"],
             phase=plan.phase.value,
             lr=lr,
             momentum=plan.momentum,
-            distance=r if regularized else None,
+            distance=None,
             cubic_weight=alpha,
             repulsive_weight_total=beta,
-            coefficient=(alpha * r - beta / r**3) if ok else (0.0 if regularized else None),  # type: ignore[operator]
-            repulsive_force=(beta / r**2) if ok else (0.0 if regularized else None),  # type: ignore[operator]
-            cubic_force=(alpha * r**2) if ok else (0.0 if regularized else None),  # type: ignore[operator]
+            coefficient=None,
+            repulsive_force=None,
+            cubic_force=None,
         )
+        if plan.phase is Phase.NEUMANN and sq is not None:
+            sq = float(sq)
+            r = math.sqrt(sq) if sq >= 0 else math.nan
+            ok = math.isfinite(r) and r > 0
+            out.update(
+                distance=r,
+                coefficient=alpha * r - beta / r**3 if ok else 0.0,
+                repulsive_force=beta / r**2 if ok else 0.0,
+                cubic_force=alpha * r**2 if ok else 0.0,
+            )
+        return out
 
     # ------------------------------------------------------------------ evaluation weights
     @torch.no_grad()

@@ -36,7 +36,7 @@ class NeumannState(NamedTuple):
     """Arrays only: the applied-step count ``s``, the reset schedule, the last momentum (for the
     evaluation weights), the learning rate at step 0 (for ``regularizer_schedule``), ``m`` and ``v``."""
 
-    count: jax.Array  # int32: steps applied so far
+    count: jax.Array  # type: ignore[assignment]  # int32: steps applied so far (as optax's own states)
     next_reset: jax.Array  # int32: Neumann-phase step t of the next iterate reset
     reset_interval: jax.Array  # int32: K_j
     last_momentum: jax.Array  # mu of the last step (0 during burn-in)
@@ -245,9 +245,9 @@ def neumann(
             return delta.astype(w.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
         treedef = jax.tree.structure(params)
-        leaves = (treedef.flatten_up_to(x) for x in (grads, params_b, m_b, v_b))
+        leaves = (jax.tree.leaves(x) for x in (grads, params_b, m_b, v_b))
         out = [leaf(*xs) for xs in zip(*leaves, strict=True)]
-        deltas, ms, vs = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+        deltas, ms, vs = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(3))
 
         growth = jnp.asarray(kw["reset_growth"], f)
         grown = jnp.maximum(1, jnp.floor(growth * state.reset_interval.astype(f)).astype(jnp.int32))
@@ -277,8 +277,7 @@ def _acc(x: jax.Array) -> Any:
 
 
 def _pairs(a: optax.Params, b: optax.Params) -> list[tuple[jax.Array, jax.Array]]:
-    treedef = jax.tree.structure(a)
-    return list(zip(treedef.flatten_up_to(a), treedef.flatten_up_to(b), strict=True))
+    return list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _momentum(t: jax.Array, momentum: Any, tau: Any, f: Any) -> jax.Array:
@@ -306,9 +305,7 @@ def evaluation_params(params: optax.Params, state: Any) -> optax.Params:
     ``optax.partition`` every partition's Neumann state shifts its own parameters.
     """
     found = [
-        x
-        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, NeumannState))
-        if isinstance(x, NeumannState)
+        x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, NeumannState)) if isinstance(x, NeumannState)
     ]
     if not found:
         raise ValueError("neumann_optax.evaluation_params: no Neumann state found in the optimizer state")

@@ -68,7 +68,10 @@ def regularizers(runner: Runner, s: Settings) -> str:
         out = {}
         for cname, (cfg, centre) in cells.items():
             for v in names:
-                out[f"{cname}/{v}"] = ({**cfg, "optimizer": "neumann", "track_regularizer": True, **VARIANTS[v][1]}, centre)
+                out[f"{cname}/{v}"] = (
+                    {**cfg, "optimizer": "neumann", "track_regularizer": True, **VARIANTS[v][1]},
+                    centre,
+                )
         return out
 
     runs = tune(runner, cell_set(st["cells"], tuple(VARIANTS)), protocol, "regularizers")
@@ -161,7 +164,8 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
         c = meta["cells"][cname]
         sched = c.get("schedule", "cosine")
         lines += [
-            f"\n## {cname}: MLP (width {c.get('width', 256)}) on {c['task']}, batch {c['batch']}, {c['epochs']} epochs, "
+            f"\n## {cname}: MLP (width {c.get('width', 256)}) on {c['task']}, batch {c['batch']}, "
+            f"{c['epochs']} epochs, "
             f"{sched} schedule\n",
             "| variant | tuned lr | rates tried | final % | best % (epoch) | late loss | repulsive > |g| | vs paper |",
             "|---|---|---|---|---|---|---|---|",

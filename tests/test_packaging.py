@@ -1,0 +1,116 @@
+"""Both distributions as a user installs them: each wheel built from this checkout, installed
+into a fresh virtual environment, imported from there and stepped once.
+
+Dependencies are not downloaded: the fresh environment sees the test environment's packages
+through a ``.pth`` file, and the checks below make sure the imported code is the wheel's (not
+the source tree) and, for ``neumann-optax``, that torch is never imported.
+"""
+
+from __future__ import annotations
+
+import email
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.message.Message]:
+    wheels = tmp / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp,
+    )
+    (wheel,) = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    # the dependencies (torch, jax, optax) from this environment, after the wheel's own files
+    (site / "zz_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, site, meta
+
+
+def _requires(meta: email.message.Message) -> list[str]:
+    return [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
+
+
+def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
+    python, site, meta = _build_and_install(ROOT, tmp_path)
+    assert meta["Name"] == "neumann-optimizer"
+    assert _requires(meta) == ["torch>=2.13"], _requires(meta)  # torch only; the rest are extras
+    code = (
+        "import torch, neumann_optimizer as n\n"
+        f"assert n.__file__.startswith({str(site)!r}), n.__file__\n"
+        "from pathlib import Path\n"
+        "assert (Path(n.__file__).parent / '_native.c').is_file()\n"
+        "w = torch.nn.Parameter(torch.ones(3))\n"
+        "opt = n.Neumann([w], lr=0.1, burn_in_steps=1, reset_steps=2, momentum_ramp_steps=1)\n"
+        "for _ in range(4):\n"
+        "    w.grad = 2 * w.detach()\n"
+        "    opt.step()\n"
+        "assert opt.param_groups[0]['step'] == 4\n"
+        "print('OK', n.__version__)\n"
+    )
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_neumann_optax_wheel_installs_without_torch(tmp_path):
+    python, site, meta = _build_and_install(ROOT / "neumann-optax", tmp_path)
+    assert meta["Name"] == "neumann-optax"
+    names = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in _requires(meta))
+    assert names == ["jax", "optax"], names
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.') or name.startswith('neumann_optimizer'):\n"
+        "            raise ImportError(name + ' must not be imported')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import jax.numpy as jnp, optax, neumann_optax\n"
+        f"assert neumann_optax.__file__.startswith({str(site)!r}), neumann_optax.__file__\n"
+        "tx = neumann_optax.neumann(0.1, steps_per_epoch=1)\n"
+        "p = {'w': jnp.ones(3)}\n"
+        "s = tx.init(p)\n"
+        "for _ in range(7):\n"
+        "    u, s = tx.update({'w': 2 * p['w']}, s, p)\n"
+        "    p = optax.apply_updates(p, u)\n"
+        "assert int(s.count) == 7 and 'torch' not in sys.modules\n"
+        "print('OK')\n"
+    )
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
