@@ -317,9 +317,54 @@ def test_nonfinite_skip_leaves_everything_untouched_and_counts():
             assert torch.equal(new["state"][k][name], s[name])
     assert opt.param_groups[0]["step"] == 6 and opt.param_groups[0]["skipped_steps"] == 1
     model[0].weight.grad[1, 2] = float("nan")
-    with pytest.warns(RuntimeWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second skip in a row is counted, not warned about
         opt.step()
     assert opt.param_groups[0]["skipped_steps"] == 2
+    assert opt.param_groups[0]["consecutive_skipped_steps"] == 2
+
+
+def test_a_diverged_run_warns_a_few_times_and_says_it_diverged():
+    """A run that skips every step from some point on: warnings at the 1st, 10th, 100th, 1000th
+    skip, one DivergedWarning at 100 in a row; the counts are in the state dict."""
+    from neumann_optimizer.optimizer import DIVERGED_AFTER, DivergedWarning
+
+    model = tiny_model()
+    opt = Neumann(model.parameters(), lr=0.1, **KW)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model[0].weight.grad.fill_(float("nan"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(1500):
+            opt.step()
+    messages = [(w.category, str(w.message)) for w in caught]
+    skipped = [m for c, m in messages if c is RuntimeWarning]
+    diverged = [m for c, m in messages if c is DivergedWarning]
+    assert [int(m.split("; ")[1].split()[0]) for m in skipped] == [1, 10, 100, 1000]
+    assert len(diverged) == 1 and f"{DIVERGED_AFTER} consecutive" in diverged[0]
+    sd = opt.state_dict()["param_groups"][0]
+    assert sd["skipped_steps"] == sd["consecutive_skipped_steps"] == 1500 and sd["step"] == 1
+    # a finite step ends the run of skips; a later one starts a new run, warned about again at 100
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[0].weight.grad.copy_(torch.randn_like(model[0].weight))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.param_groups[0]["consecutive_skipped_steps"] == 0
+    model[0].weight.grad.fill_(float("inf"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(DIVERGED_AFTER):
+            opt.step()
+    assert [w.category for w in caught] == [DivergedWarning]
+    # DivergedWarning as an error stops the run there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DivergedWarning)
+        opt.param_groups[0]["consecutive_skipped_steps"] = DIVERGED_AFTER - 1
+        with pytest.raises(DivergedWarning):
+            opt.step()
 
 
 def test_nonfinite_raise_names_parameter_and_ignore_does_not_check():

@@ -50,11 +50,24 @@ def regularizer_coefficient(r: Tensor, cubic_weight: float | Tensor, repulsive_w
     return torch.where(ok, c, torch.zeros_like(c))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _upcast(ts: list[Tensor]) -> list[Tensor]:
+    """bfloat16/float16 tensors as float32 copies (others as they are)."""
+    return [t.float() if t.dtype in LOW_PRECISION else t for t in ts]
+
+
 def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> Tensor:
-    """``sum_i ||w_i - v_i||^2`` as a float32 (float64 for float64 params) 0-d tensor."""
+    """``sum_i ||w_i - v_i||^2`` as a float32 (float64 for float64 params) 0-d tensor.
+
+    bfloat16/float16 differences and norms are computed in float32 (a low-precision norm,
+    rounded before it is squared and summed, is off by several ulp, and ``beta / r^3`` triples
+    that error)."""
     if not params:
         return torch.zeros(())
     acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    params, vs = _upcast(params), _upcast(vs)
     norms: list[Tensor] | tuple[Tensor, ...]
     if foreach:
         diffs = torch._foreach_sub(params, vs)
@@ -134,6 +147,40 @@ def _multi_tensor_neumann(
     torch._foreach_lerp_(vs, params, 1.0 - ema_decay)
 
 
+def _masked_neumann(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+    apply: Tensor,
+) -> None:
+    """The update in functional form, written back only where the 0-d bool ``apply`` is true: a
+    step skipped without a host synchronisation (inside ``torch.compile``, where inductor fuses
+    each tensor's expressions into one pass)."""
+    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
+        if phase is Phase.BURN_IN:
+            w.copy_(torch.where(apply, w - lr * g, w))
+            continue
+        if phase is Phase.RESET:
+            d = g
+            m_new = -lr * d
+        else:
+            assert coef is not None
+            d = g + coef * (w - v)
+            m_new = momentum * m - lr * d
+        w_new = w + momentum * m_new - lr * d
+        v_new = torch.lerp(v, w_new, 1.0 - ema_decay)
+        m.copy_(torch.where(apply, m_new, m))
+        v.copy_(torch.where(apply, v_new, v))
+        w.copy_(torch.where(apply, w_new, w))
+
+
 def neumann_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -147,25 +194,35 @@ def neumann_update(
     ema_decay: float,
     weight_decay: float,
     foreach: bool,
+    apply: Tensor | None = None,
 ) -> None:
     """Apply one step of one group in place (see the module docstring for the equations).
 
     ``coef`` is the regularizer coefficient (:func:`regularizer_coefficient`), needed only in
-    the ``NEUMANN`` phase. All lists hold plain (local) real tensors of equal shapes.
+    the ``NEUMANN`` phase. All lists hold plain (local) real tensors of equal shapes. With
+    ``apply`` (a 0-d bool tensor) the step is written back only where it is true.
+
+    bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the compiled
+    path does), so the result is within half an ulp of a float64 step instead of accumulating
+    one rounding per operation.
     """
+    low = [i for i, w in enumerate(params) if w.dtype in LOW_PRECISION]
+    targets = [(params, ms, vs)] if low else []
+    if low:
+        params, grads, ms, vs = (_upcast(ts) for ts in (params, grads, ms, vs))
     grads = _with_weight_decay(params, grads, weight_decay, foreach)
-    impl = _multi_tensor_neumann if foreach else _single_tensor_neumann
-    impl(
-        params,
-        grads,
-        ms,
-        vs,
-        phase=phase,
-        lr=lr,
-        momentum=momentum,
-        coef=coef,
-        ema_decay=ema_decay,
-    )
+    kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
+    if apply is not None:
+        _masked_neumann(params, grads, ms, vs, apply=apply, **kw)
+    elif foreach:
+        _multi_tensor_neumann(params, grads, ms, vs, **kw)
+    else:
+        _single_tensor_neumann(params, grads, ms, vs, **kw)
+    for orig_w, orig_m, orig_v in targets:  # round the float32 results once
+        for i in low:
+            orig_w[i].copy_(params[i])
+            orig_m[i].copy_(ms[i])
+            orig_v[i].copy_(vs[i])
 
 
 # ---------------------------------------------------------------------------------------------

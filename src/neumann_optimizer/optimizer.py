@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -18,89 +17,43 @@ from torch.optim import Optimizer
 
 from . import _native
 from . import functional as F
-from ._distributed import all_ranks_true, all_reduce_squared_norm, is_dtensor, local_tensor
-from .schedule import Phase, constant_momentum, next_reset_interval, plan_step
+from ._checkpoint import check_state_dict
+from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
+from ._evaluation import EvaluationWeights
+from ._hyperparams import (
+    COUNTERS,
+    EPOCH_DEFAULTS,
+    NONFINITE_MODES,
+    check_int,
+    describe_step,
+    regularizer_scale,
+    regularizer_weights,
+    resolve_group,
+    validate_group,
+)
+from ._paths import (
+    FUSED_DEFAULT_MIN_NUMEL,
+    _default_fused,
+    _native_ok,
+    _real,
+    _wants_native,
+    all_reduce_flag,
+    native_update,
+)
+from .schedule import Phase, next_reset_interval, plan_step
 
-__all__ = ["Neumann"]
+__all__ = ["FUSED_DEFAULT_MIN_NUMEL", "DivergedWarning", "Neumann", "regularizer_scale", "regularizer_weights"]
 
-_NONFINITE_MODES = ("skip", "raise", "ignore")
-# Group entries the optimizer keeps for itself (saved in state_dict()["param_groups"]).
-_COUNTERS = {
-    "step": 0,  # s: number of applied steps
-    "next_reset": 1,  # Neumann-phase step t of the next iterate reset
-    "reset_interval": None,  # K_j, the current reset interval (filled from reset_steps)
-    "last_momentum": 0.0,  # mu of the last applied step (evaluation weights w - mu m)
-    "skipped_steps": 0,  # steps skipped for a non-finite gradient
-    "train_mode": True,  # False between eval() and train()
-    "eval_shift": 0.0,  # mu subtracted in place by eval(evaluation="in_place"); train() adds it back
-}
-_EVALUATION_MODES = ("exact", "in_place")
-
-
-def _resolve_steps(name: str, given: float | None, epochs: int, steps_per_epoch: int | None) -> float:
-    if given is not None:
-        return given
-    if steps_per_epoch is None:
-        raise ValueError(
-            f"Neumann: {name} is not given and neither is steps_per_epoch; pass "
-            f"steps_per_epoch=len(train_loader) to use the paper's default "
-            f"({epochs} epoch{'s' if epochs != 1 else ''}), or give {name} in steps"
-        )
-    return epochs * steps_per_epoch
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Neumann: {name} must be an int >= {minimum}, got {value!r}")
+# a run of this many consecutive skipped steps gets a DivergedWarning
+DIVERGED_AFTER = 100
 
 
-def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ValueError(f"Neumann: {name} must be a finite number {bound}, got {value!r}")
+class DivergedWarning(RuntimeWarning):
+    """Many consecutive steps had non-finite gradients and were skipped: the run has diverged.
+    ``warnings.simplefilter("error", DivergedWarning)`` turns it into an exception."""
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Neumann: a tensor lr must have exactly one element")
-    else:
-        _check_float("lr", lr, 0.0)
-    _check_int("burn_in_steps", group["burn_in_steps"], 0)
-    _check_int("reset_steps", group["reset_steps"], 1)
-    _check_float("reset_growth", group["reset_growth"], 0.0, open_low=True)
-    _check_float("momentum_ramp_steps", group["momentum_ramp_steps"], 0.0, open_low=True)
-    mom = group["momentum"]
-    if isinstance(mom, (tuple, list)):
-        if len(mom) != 2:
-            raise ValueError(f"Neumann: momentum must be a pair (mu_min, mu_max) or a number, got {mom!r}")
-        _check_float("momentum[0] (mu_min)", mom[0], 0.0, 1.0)
-        _check_float("momentum[1] (mu_max)", mom[1], 0.0, 1.0)
-        if mom[0] > mom[1]:
-            raise ValueError(f"Neumann: momentum must satisfy mu_min <= mu_max, got {tuple(mom)!r}")
-        group["momentum"] = tuple(float(x) for x in mom)
-    else:
-        group["momentum"] = constant_momentum(mom)
-    _check_float("cubic_weight", group["cubic_weight"], 0.0)
-    _check_float("repulsive_weight", group["repulsive_weight"], 0.0)
-    _check_float("ema_decay", group["ema_decay"], 0.0, 1.0)
-    _check_float("weight_decay", group["weight_decay"], 0.0)
-    if group.get("evaluation", "exact") not in _EVALUATION_MODES:
-        raise ValueError(f"Neumann: evaluation must be one of {_EVALUATION_MODES}, got {group['evaluation']!r}")
-    sched = group["regularizer_schedule"]
-    if sched not in ("constant", "lr"):
-        ok = isinstance(sched, (int, float)) and not isinstance(sched, bool) and math.isfinite(sched) and sched >= 0
-        if not ok:
-            raise ValueError(
-                "Neumann: regularizer_schedule must be 'constant', 'lr' or a power p >= 0 "
-                f"(alpha, beta scaled by (lr / initial lr) ** p), got {sched!r}"
-            )
-
-
-class Neumann(Optimizer):
+class Neumann(EvaluationWeights, Optimizer):
     r"""The Neumann optimizer (Krishnan, Xiao & Saurous, 2017, arXiv:1712.03298, Algorithm 2).
 
     A large-batch optimizer that implicitly inverts each mini-batch's Hessian through a Neumann
@@ -185,7 +138,7 @@ class Neumann(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
-        lr: float | Tensor,
+        lr: float | Tensor | None = None,
         *,
         steps_per_epoch: int | None = None,
         burn_in_steps: int | None = None,
@@ -204,26 +157,26 @@ class Neumann(Optimizer):
         fused: bool | None = None,
     ) -> None:
         if steps_per_epoch is not None:
-            _check_int("steps_per_epoch", steps_per_epoch, 1)
-        if nonfinite not in _NONFINITE_MODES:
-            raise ValueError(f"Neumann: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+            check_int("steps_per_epoch", steps_per_epoch, 1)
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"Neumann: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         for flag, value in (("foreach", foreach), ("fused", fused)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Neumann: {flag} must be None, True or False, got {value!r}")
         if fused and foreach:
             raise ValueError("Neumann: choose one of fused=True and foreach=True")
+        given = dict(burn_in_steps=burn_in_steps, reset_steps=reset_steps, momentum_ramp_steps=momentum_ramp_steps)
+        # step counts given in steps win over a group's own steps_per_epoch; derived ones do not
+        self._explicit_steps = {k for k, v in given.items() if v is not None}
+        for name, epochs in EPOCH_DEFAULTS.items():
+            if given[name] is None and steps_per_epoch is not None:
+                given[name] = epochs * steps_per_epoch
         defaults = dict(
             lr=lr,
-            burn_in_steps=_resolve_steps("burn_in_steps", burn_in_steps, 5, steps_per_epoch),
-            reset_steps=_resolve_steps("reset_steps", reset_steps, 10, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
             reset_growth=reset_growth,
             momentum=momentum,
-            momentum_ramp_steps=_resolve_steps(
-                "momentum_ramp_steps",
-                momentum_ramp_steps,
-                1,
-                steps_per_epoch,
-            ),
+            **given,
             cubic_weight=cubic_weight,
             repulsive_weight=repulsive_weight,
             ema_decay=ema_decay,
@@ -234,7 +187,7 @@ class Neumann(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        _validate_group(dict(defaults))
+        validate_group(dict(defaults))
         self._fused_failed = False  # set when torch.compile failed: the fused path is off for good
         self._plain: dict[int, bool] = {}  # per group index: all parameters plain real tensors
         # per group index: (signature of w and v, local sum ||w - v||^2) after the last CPU-kernel pass
@@ -245,12 +198,16 @@ class Neumann(Optimizer):
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may carry any hyperparameter, ``lr`` and the step counts (or its own
+        ``steps_per_epoch``) included, where the optimizer was not given them."""
+        if isinstance(param_group, dict):
+            resolve_group(param_group, len(self.param_groups), self.defaults, getattr(self, "_explicit_steps", set()))
         super().add_param_group(param_group)
         if hasattr(self, "_plain"):
             self._plain.pop(len(self.param_groups) - 1, None)
         group = self.param_groups[-1]
-        _validate_group(group)
-        for key, default in _COUNTERS.items():
+        validate_group(group)
+        for key, default in COUNTERS.items():
             group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
         group.setdefault("reference_lr", float(group["lr"]))
         if not all(g["train_mode"] for g in self.param_groups):
@@ -272,23 +229,12 @@ class Neumann(Optimizer):
             group.setdefault("regularizer_schedule", "constant")
             group.setdefault("evaluation", "exact")
             group.setdefault("reference_lr", float(group["lr"]))
-            for key, default in _COUNTERS.items():
+            for key, default in COUNTERS.items():
                 group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
 
     def __repr__(self) -> str:
-        keys = (
-            "lr",
-            "burn_in_steps",
-            "reset_steps",
-            "reset_growth",
-            "momentum",
-            "momentum_ramp_steps",
-            "cubic_weight",
-            "repulsive_weight",
-            "ema_decay",
-            "weight_decay",
-            "regularizer_schedule",
-        )
+        keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum", "cubic_weight", "repulsive_weight", "ema_decay")
+        keys += ("weight_decay", "regularizer_schedule")
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
@@ -304,11 +250,6 @@ class Neumann(Optimizer):
         label = f"'{names[pi]}'" if names else f"#{pi}"
         return f"parameter {label} of param group {gi} (shape {tuple(p.shape)})"
 
-    @property
-    def training(self) -> bool:
-        """False between :meth:`eval` and :meth:`train`."""
-        return all(g["train_mode"] for g in self.param_groups)
-
     # ------------------------------------------------------------------ the step
     def _gather(self) -> list[tuple[int, list[int], list[Tensor], list[Tensor]]]:
         """Per group: (group index, indices of params with grads, those params, their grads)."""
@@ -322,6 +263,18 @@ class Neumann(Optimizer):
                     raise RuntimeError(f"Neumann does not support sparse gradients ({self._param_name(gi, pi)})")
                 if p.grad.is_complex() != p.is_complex():
                     raise RuntimeError(f"Neumann: gradient and {self._param_name(gi, pi)} differ in complexity")
+                if p.device.type == "meta" or p.grad.device.type == "meta":
+                    raise RuntimeError(
+                        f"Neumann: {self._param_name(gi, pi)} is on the meta device; materialise the parameters "
+                        "(e.g. module.to_empty(device=...) and initialise them) before the first step"
+                    )
+                if p.grad.device != p.device or p.grad.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"Neumann: the gradient of {self._param_name(gi, pi)} is {p.grad.dtype} on {p.grad.device}, "
+                        f"the parameter {p.dtype} on {p.device}; they must match"
+                    )
+                if not p.is_floating_point() and not p.is_complex():
+                    raise RuntimeError(f"Neumann: {self._param_name(gi, pi)} is {p.dtype}; only float and complex")
                 idx.append(pi)
                 ps.append(p)
                 gs.append(p.grad)
@@ -362,23 +315,55 @@ class Neumann(Optimizer):
             )
         gathered = self._gather()
         mode = self.param_groups[0]["nonfinite"] if self.param_groups else "ignore"
-        if mode != "ignore" and not self._all_finite(gathered):
+        apply = None
+        if mode == "skip" and torch.compiler.is_compiling():
+            # a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no graph
+            # break; a non-finite step leaves weights and state untouched, but still counts
+            apply = self._finite_tensor(gathered)
+        elif mode != "ignore" and not self._all_finite(gathered):
             if mode == "raise":
                 self._raise_nonfinite(gathered)
-            for group in self.param_groups:
-                group["skipped_steps"] += 1
-            warnings.warn(
-                "Neumann: non-finite gradient, step skipped (weights and state untouched); "
-                f"{self.param_groups[0]['skipped_steps']} skipped so far",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._skipped()
             return loss
         for gi, _, params, grads in gathered:
-            self._step_group(gi, params, grads)
+            self._step_group(gi, params, grads, apply)
+        if mode != "ignore" and self.param_groups[0]["consecutive_skipped_steps"]:
+            for group in self.param_groups:
+                group["consecutive_skipped_steps"] = 0
         return loss
 
-    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _skipped(self) -> None:
+        """Count a skipped step; warn at the 1st, 10th, 100th, ... skip of the run, and once when a
+        run of consecutive skips reaches ``DIVERGED_AFTER`` (a :class:`DivergedWarning`)."""
+        for group in self.param_groups:
+            group["skipped_steps"] += 1
+            group["consecutive_skipped_steps"] += 1
+        total = self.param_groups[0]["skipped_steps"]
+        streak = self.param_groups[0]["consecutive_skipped_steps"]
+        if total == 10 ** round(math.log10(total)):
+            warnings.warn(
+                "Neumann: non-finite gradient, step skipped (weights and state untouched); "
+                f"{total} skipped so far (warned at 1, 10, 100, ... skips; the count is "
+                "param_groups[i]['skipped_steps'])",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if streak == DIVERGED_AFTER:
+            warnings.warn(
+                f"Neumann: {streak} consecutive steps had non-finite gradients and were skipped: the run "
+                "has diverged (lower the learning rate or check the loss); nonfinite='raise' stops at the first",
+                DivergedWarning,
+                stacklevel=3,
+            )
+
+    def _finite_tensor(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> Tensor:
+        grads = [g for gi, _, _, gs in gathered for g in self._local(gi, gs)]
+        if not grads:
+            return torch.ones((), dtype=torch.bool)
+        sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
+        return torch.isfinite(sums).all()
+
+    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
         group = self.param_groups[gi]
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
         if params:
@@ -390,7 +375,7 @@ class Neumann(Optimizer):
                     state["v"] = p.detach().clone(memory_format=torch.preserve_format)
                 ms.append(state["m"])
                 vs.append(state["v"])
-            sq = self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs)
+            sq = self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs, apply)
             self._records[gi] = (plan, float(group["lr"]), sq, *regularizer_weights(group))
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
@@ -419,9 +404,11 @@ class Neumann(Optimizer):
         grads: list[Tensor],
         ms: list[Tensor],
         vs: list[Tensor],
+        apply: Tensor | None = None,
     ) -> Tensor | float | None:
         """One group's update on the chosen path; returns the squared group norm ``||w - v||^2``
-        the regularizer used (Neumann phase; ``None`` where the path kept it on the device)."""
+        the regularizer used (Neumann phase; ``None`` where the path kept it on the device).
+        ``apply`` (inside torch.compile): a 0-d bool tensor, the step is written back only where true."""
         group = self.param_groups[gi]
         plain = self._is_plain(gi)
         lw, lg, lm, lv = (self._local(gi, ts) for ts in (params, grads, ms, vs))
@@ -434,9 +421,9 @@ class Neumann(Optimizer):
             weight_decay=group["weight_decay"],
         )
         if _wants_native(group) and _native_ok(lw, lg, lm, lv):
-            return self._native_update(gi, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
+            return native_update(self._carried, gi, plain, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
         self._carried.pop(gi, None)  # a step on another path: its norm was not summed
-        fused = self._use_fused(group, lw)
+        fused = self._use_fused(group, lw) and apply is None
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(p.device.type != "cpu" for p in lw)
@@ -467,54 +454,7 @@ class Neumann(Optimizer):
         if phase is Phase.NEUMANN:
             sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
-        F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, **kwargs)
-        return sq
-
-    # ------------------------------------------------------------------ the CPU kernel
-    def _native_update(
-        self,
-        gi: int,
-        params: list[Tensor],
-        vs: list[Tensor],
-        lw: list[Tensor],
-        lg: list[Tensor],
-        lm: list[Tensor],
-        lv: list[Tensor],
-        alpha: float,
-        beta: float,
-        *,
-        phase: Phase,
-        lr: float,
-        momentum: float,
-        ema_decay: float,
-        weight_decay: float,
-    ) -> float | None:
-        """One pass of the C kernel. The group norm a regular step needs is the one the
-        previous pass summed, if no tensor changed since (same tensors, same version counters);
-        otherwise it is summed afresh (one read of ``w`` and ``v``)."""
-        coef, sq = 0.0, None
-        if phase is Phase.NEUMANN:
-            carried = self._carried.get(gi)
-            if carried is not None and carried[0] == _signature(params, vs, lw, lv):
-                sq = carried[1]
-            else:
-                sq = _native.squared_distance(lw, lv)
-            if not self._is_plain(gi):  # local sum of the shards -> sum over ranks
-                sq = float(all_reduce_squared_norm(torch.tensor(sq, dtype=torch.float64), params))
-            coef = _coefficient(sq, alpha, beta)
-        sq_next = _native.step(
-            lw,
-            lg,
-            lm,
-            lv,
-            phase=phase.value,
-            lr=lr,
-            momentum=momentum,
-            coef=coef,
-            keep=1.0 - ema_decay,
-            weight_decay=weight_decay,
-        )
-        self._carried[gi] = (_signature(params, vs, lw, lv), sq_next)
+        F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, apply=apply, **kwargs)
         return sq
 
     def _fused_fallback(self, exc: Exception) -> None:
@@ -553,240 +493,11 @@ class Neumann(Optimizer):
         rec = self._records.get(group)
         if rec is None:
             return None
-        plan, lr, sq, alpha, beta = rec
-        out: dict[str, Any] = dict(
-            step=self.param_groups[group]["step"],
-            phase=plan.phase.value,
-            lr=lr,
-            momentum=plan.momentum,
-            distance=None,
-            cubic_weight=alpha,
-            repulsive_weight_total=beta,
-            coefficient=None,
-            repulsive_force=None,
-            cubic_force=None,
-        )
-        if plan.phase is Phase.NEUMANN and sq is not None:
-            sq = float(sq)
-            r = math.sqrt(sq) if sq >= 0 else math.nan
-            ok = math.isfinite(r) and r > 0
-            out.update(
-                distance=r,
-                coefficient=alpha * r - beta / r**3 if ok else 0.0,
-                repulsive_force=beta / r**2 if ok else 0.0,
-                cubic_force=alpha * r**2 if ok else 0.0,
-            )
-        return out
-
-    # ------------------------------------------------------------------ evaluation weights
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Switch the parameters to the evaluation weights ``w - mu m`` (idempotent).
-
-        With ``evaluation="exact"`` (default) the training weights are kept aside and
-        :meth:`train` restores them bit for bit; with ``evaluation="in_place"`` nothing is copied
-        and :meth:`train` adds ``mu m`` back (within float rounding). With BatchNorm, recompute
-        the running statistics afterwards (``torch.optim.swa_utils.update_bn``).
-        """
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                continue
-            mu = group["last_momentum"]
-            exact = group["evaluation"] == "exact"
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or "m" not in state:
-                    continue
-                if exact:
-                    state["train_param"] = p.detach().clone(memory_format=torch.preserve_format)
-                if mu != 0.0:
-                    p.add_(state["m"], alpha=-mu)
-            group["eval_shift"] = 0.0 if exact else mu
-            group["train_mode"] = False
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> None:
-        """Back to the training weights: restored bit for bit from the copy :meth:`eval` kept, or
-        (``evaluation="in_place"``) by adding ``mu m`` back. Idempotent."""
-        if not mode:
-            self.eval()
-            return
-        for group in self.param_groups:
-            if group["train_mode"]:
-                continue
-            shift = group["eval_shift"]
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                if "train_param" in state:
-                    p.copy_(state.pop("train_param"))
-                elif shift != 0.0 and "m" in state:
-                    p.add_(state["m"], alpha=shift)
-            group["eval_shift"] = 0.0
-            group["train_mode"] = True
-
-    @torch.no_grad()
-    def _adopt_evaluation_weights(self) -> None:
-        """Declare the parameters' current values the evaluation weights and forget the training
-        weights (eval mode; :meth:`train` then leaves the parameters as they are). For callers that
-        loaded evaluation weights into the model themselves (HF ``load_best_model_at_end``)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state.get(p, {}).pop("train_param", None)
-            group["eval_shift"] = 0.0
-            group["train_mode"] = False
-
-    @torch.no_grad()
-    def evaluation_weights(self) -> dict[Tensor, Tensor]:
-        """New tensors holding ``w - mu m`` for every parameter, without touching the model.
-
-        Parameters that were never stepped map to a copy of themselves. Works in either mode.
-        """
-        out: dict[Tensor, Tensor] = {}
-        for group in self.param_groups:
-            mu = group["last_momentum"]
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                if not group["train_mode"] or "m" not in state:
-                    out[p] = p.detach().clone()  # eval mode: p already holds w - mu m
-                else:
-                    out[p] = p.detach().clone().add_(state["m"], alpha=-mu)
-        return out
-
-    @contextmanager
-    def evaluation(self) -> Iterator[None]:
-        """Context manager: evaluation weights inside, training weights restored on exit."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            if was_training:
-                self.train()
+        return describe_step(self.param_groups[group]["step"], *rec)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking that it is a Neumann state of the same model."""
-        self._check_state_dict(state_dict)
+        check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
         self._carried.clear()
-
-    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("Neumann.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Neumann.load_state_dict: the state dict has {len(saved_groups)} parameter groups, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            missing = [k for k in ("burn_in_steps", "reset_steps", "ema_decay", "step", "next_reset") if k not in saved]
-            if missing:
-                raise ValueError(
-                    f"Neumann.load_state_dict: param group {gi} lacks {missing}: "
-                    "not a state dict of a Neumann optimizer"
-                )
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"Neumann.load_state_dict: param group {gi} has {len(saved['params'])} parameters "
-                    f"in the state dict and {len(group['params'])} here: a state dict of another model?"
-                )
-            for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                pstate = state_dict["state"].get(key)
-                if not pstate:
-                    continue
-                for name in ("m", "v", "train_param"):
-                    t = pstate.get(name)
-                    if t is not None and tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"Neumann.load_state_dict: state '{name}' of {self._param_name(gi, pi)} "
-                            f"has shape {tuple(t.shape)}: a state dict of another model?"
-                        )
-                if "m" not in pstate or "v" not in pstate:
-                    raise ValueError(
-                        f"Neumann.load_state_dict: state of {self._param_name(gi, pi)} lacks 'm' or 'v': "
-                        "not a state dict of a Neumann optimizer"
-                    )
-
-
-def regularizer_scale(group: dict[str, Any]) -> float:
-    """The factor on ``alpha`` and ``beta`` at the group's next step: 1 (``"constant"``, the
-    paper), ``lr / reference_lr`` (``"lr"``) or ``(lr / reference_lr) ** p`` (a number ``p``)."""
-    sched = group["regularizer_schedule"]
-    if sched == "constant" or group["reference_lr"] <= 0:
-        return 1.0
-    ratio = float(group["lr"]) / group["reference_lr"]
-    return ratio if sched == "lr" else ratio ** float(sched)
-
-
-def regularizer_weights(group: dict[str, Any]) -> tuple[float, float]:
-    """``(alpha, beta)`` of a group's next regularized step: ``beta = repulsive_weight * n``, both
-    scaled by :func:`regularizer_scale`."""
-    n = sum(_real_numel(p) for p in group["params"] if p.requires_grad)
-    scale = regularizer_scale(group)
-    return scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
-
-
-def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
-    """Agree across ranks on skipping (a sharded gradient may be non-finite on one rank only)."""
-    params = [p for _, _, ps, _ in gathered for p in ps]
-    return all_ranks_true(finite, params)
-
-
-FUSED_DEFAULT_MIN_NUMEL = 2**20
-
-
-def _default_fused(lw: list[Tensor]) -> bool:
-    """Where ``fused=None`` uses the compiled graph when the CPU kernel does not apply (say,
-    bfloat16 parameters, or no C compiler): CPU groups of at least 2^20 scalars.
-
-    There ``benchmarks/step_time.py`` measured it 1.5-2x faster than the for-loop path (the
-    torch.optim default on CPU), and the one-off compilation (tens of seconds, cached on disk)
-    is small against a run long enough to matter. Small models keep the for-loop path and start
-    at once. On accelerators it has not been measured yet, so the default stays the multi-tensor
-    path there, as in torch.optim.
-    """
-    return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
-
-
-def _wants_native(group: dict[str, Any]) -> bool:
-    """``fused=True``, or the default (``fused=None`` and ``foreach=None``)."""
-    return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None)
-
-
-def _native_ok(*lists: list[Tensor]) -> bool:
-    """The fused path's CPU kernel applies: dense contiguous CPU tensors, all float32 or all
-    float64, outside torch.compile (the kernel is an opaque ctypes call), and it compiled."""
-    return not torch.compiler.is_compiling() and _native.supports(*lists) and _native.available()
-
-
-def _signature(params: list[Tensor], vs: list[Tensor], lw: list[Tensor], lv: list[Tensor]) -> tuple:
-    """Which tensors, where their data lies, and their version counters (bumped by every in-place
-    change torch sees; not by writes through ``.data``)."""
-    return (
-        tuple(map(id, params)),
-        tuple(map(id, vs)),
-        tuple(t._version for t in lw),
-        tuple(t._version for t in lv),
-        tuple(t.data_ptr() for t in lw),
-        tuple(t.data_ptr() for t in lv),
-    )
-
-
-def _coefficient(sq: float, alpha: float, beta: float) -> float:
-    """:func:`functional.regularizer_coefficient` on the host: ``alpha r - beta / r^3``, or 0 where
-    ``r = sqrt(sq)`` is 0 or not finite."""
-    r = math.sqrt(sq) if sq >= 0 else math.nan
-    if not (math.isfinite(r) and r > 0):
-        return 0.0
-    return alpha * r - beta / (r * r * r)
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _real_numel(p: Tensor) -> int:
-    return p.numel() * (2 if p.is_complex() else 1)

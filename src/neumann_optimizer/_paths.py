@@ -1,0 +1,122 @@
+"""Which path a group's step takes (the CPU kernel, the compiled graph, multi-tensor or for-loop),
+and the small helpers those paths share."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _native
+from ._distributed import all_ranks_true, all_reduce_squared_norm
+from .schedule import Phase
+
+
+def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
+    """Agree across ranks on skipping (a sharded gradient may be non-finite on one rank only)."""
+    params = [p for _, _, ps, _ in gathered for p in ps]
+    return all_ranks_true(finite, params)
+
+
+FUSED_DEFAULT_MIN_NUMEL = 2**20
+
+
+def _default_fused(lw: list[Tensor]) -> bool:
+    """Where ``fused=None`` uses the compiled graph when the CPU kernel does not apply (say,
+    bfloat16 parameters, or no C compiler): CPU groups of at least 2^20 scalars.
+
+    There ``benchmarks/step_time.py`` measured it 1.5-2x faster than the for-loop path (the
+    torch.optim default on CPU), and the one-off compilation (tens of seconds, cached on disk)
+    is small against a run long enough to matter. Small models keep the for-loop path and start
+    at once. On accelerators it has not been measured yet, so the default stays the multi-tensor
+    path there, as in torch.optim.
+    """
+    return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
+
+
+def _wants_native(group: dict[str, Any]) -> bool:
+    """``fused=True``, or the default (``fused=None`` and ``foreach=None``)."""
+    return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None)
+
+
+def _native_ok(*lists: list[Tensor]) -> bool:
+    """The fused path's CPU kernel applies: dense contiguous CPU tensors, all float32 or all
+    float64, outside torch.compile (the kernel is an opaque ctypes call), and it compiled."""
+    return not torch.compiler.is_compiling() and _native.supports(*lists) and _native.available()
+
+
+def _signature(params: list[Tensor], vs: list[Tensor], lw: list[Tensor], lv: list[Tensor]) -> tuple:
+    """Which tensors, where their data lies, and their version counters (bumped by every in-place
+    change torch sees; not by writes through ``.data``)."""
+    return (
+        tuple(map(id, params)),
+        tuple(map(id, vs)),
+        tuple(t._version for t in lw),
+        tuple(t._version for t in lv),
+        tuple(t.data_ptr() for t in lw),
+        tuple(t.data_ptr() for t in lv),
+    )
+
+
+def _coefficient(sq: float, alpha: float, beta: float) -> float:
+    """:func:`functional.regularizer_coefficient` on the host: ``alpha r - beta / r^3``, or 0 where
+    ``r = sqrt(sq)`` is 0 or not finite."""
+    r = math.sqrt(sq) if sq >= 0 else math.nan
+    if not (math.isfinite(r) and r > 0):
+        return 0.0
+    return alpha * r - beta / (r * r * r)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def native_update(
+    carried: dict[int, tuple[tuple, float]],
+    gi: int,
+    plain: bool,
+    params: list[Tensor],
+    vs: list[Tensor],
+    lw: list[Tensor],
+    lg: list[Tensor],
+    lm: list[Tensor],
+    lv: list[Tensor],
+    alpha: float,
+    beta: float,
+    *,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    ema_decay: float,
+    weight_decay: float,
+) -> float | None:
+    """One pass of the C kernel for param group ``gi`` (``carried``: the optimizer's record of the
+    norm each group's last pass summed). The group norm a regular step needs is the one the
+    previous pass summed, if no tensor changed since (same tensors, same version counters);
+    otherwise it is summed afresh (one read of ``w`` and ``v``)."""
+    coef, sq = 0.0, None
+    if phase is Phase.NEUMANN:
+        last = carried.get(gi)
+        if last is not None and last[0] == _signature(params, vs, lw, lv):
+            sq = last[1]
+        else:
+            sq = _native.squared_distance(lw, lv)
+        if not plain:  # local sum of the shards -> sum over ranks
+            sq = float(all_reduce_squared_norm(torch.tensor(sq, dtype=torch.float64), params))
+        coef = _coefficient(sq, alpha, beta)
+    sq_next = _native.step(
+        lw,
+        lg,
+        lm,
+        lv,
+        phase=phase.value,
+        lr=lr,
+        momentum=momentum,
+        coef=coef,
+        keep=1.0 - ema_decay,
+        weight_decay=weight_decay,
+    )
+    carried[gi] = (_signature(params, vs, lw, lv), sq_next)
+    return sq
