@@ -29,7 +29,9 @@ SHAPES = [(4, 5), (5,), (3,), (1,)]
 
 def make_params(dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES
+    ]
 
 
 def set_grads(params, k):
@@ -107,9 +109,12 @@ def test_group_without_lr_or_step_counts_is_named():
     opt = Neumann([{"params": p[:2]}, {"params": p[2:], "steps_per_epoch": 3}], lr=0.1, steps_per_epoch=7)
     assert [g["burn_in_steps"] for g in opt.param_groups] == [35, 15]
     # step counts given in steps win over a group's steps_per_epoch
-    opt = Neumann([{"params": p[:2]}, {"params": p[2:], "steps_per_epoch": 3}], lr=0.1, burn_in_steps=4, **{
-        k: v for k, v in SHORT.items() if k != "burn_in_steps"
-    })
+    opt = Neumann(
+        [{"params": p[:2]}, {"params": p[2:], "steps_per_epoch": 3}],
+        lr=0.1,
+        burn_in_steps=4,
+        **{k: v for k, v in SHORT.items() if k != "burn_in_steps"},
+    )
     assert [g["burn_in_steps"] for g in opt.param_groups] == [4, 4]
 
 

@@ -1,4 +1,4 @@
-"""``neumann-repro STUDY [--quick] [--out DIR] [--results DIR] [--seeds N] [--device cpu|cuda] [--data-dir DIR]``.
+"""``neumann-repro STUDY [--quick] [--out DIR] [--results DIR] [--jobs N] [--schedule cosine|paper] ...``.
 
 Full studies (no ``--quick``, no ``--epochs``) write their runs to ``--results`` (``docs/results/``);
 ``report`` turns those files into docs/REPRODUCTION.md and its plots without training.
@@ -7,13 +7,16 @@ Full studies (no ``--quick``, no ``--epochs``) write their runs to ``--results``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from .report import write_report
+from .common import Settings
+from .report import has_results, write_report
 from .runner import Runner
-from .studies import STUDIES, Settings
+from .studies import STUDIES
 from .train import SCHEDULES
 
 ALL_ORDER = ["compare", "seeds", "ablation", "batch-scaling", "curvature", "regularizers"]
@@ -59,64 +62,136 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--data-dir is only read with --task cifar10")
 
 
-def main(argv: list[str] | None = None) -> int:
-    studies = _studies()
-    p = argparse.ArgumentParser(prog="neumann-repro", description=__doc__)
-    p.add_argument(
-        "study",
-        choices=[*studies, "all", "report"],
-        help="which study to run; 'all' runs every study and regenerates docs/REPRODUCTION.md",
-    )
-    p.add_argument("--quick", action="store_true", help="a minute-scale version of the study")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs/)")
-    p.add_argument(
+STUDY_HELP = {
+    "compare": "Table 2: Neumann vs SGD+Nesterov, Adam, RMSprop (and adaptive mu) at batch 128, each tuned "
+    "by the tuning protocol, on the MNIST-1D 4k and 36k sets (quick: the 4k set, 20 epochs, 1 seed).",
+    "batch-scaling": "Table 3 / Figure 3: batch 64 to 1,024 at 50 epochs on MNIST-1D 36k; Neumann (default and "
+    "paper's regularizers) vs SGD+Nesterov, AdamW, LARS, LAMB, every cell tuned (quick: 4k set, batches 64 and "
+    "256, 6 epochs with a 1-epoch burn-in).",
+    "ablation": "Table 4: Neumann without regularizers, without burn-in, with lr-scaled regularizers, and SGD, "
+    "at a fixed lr on MNIST-1D 4k (CNN and MLP; quick: CNN, 15 epochs).",
+    "seeds": "Appendix C: the spread of final errors over 10 seeds for Neumann and SGD (quick: 2 seeds).",
+    "curvature": "Figure 4: Lanczos estimates of the mini-batch Hessian's extreme eigenvalues along a Neumann run "
+    "(CNN on MNIST-1D 4k; quick: 6 epochs with a 1-epoch burn-in).",
+    "regularizers": "The late loss (issue 14): final vs best test error along the run for the paper's regularizers "
+    "and variants, cosine and the paper's schedule, batch 128 and 1,024, MNIST-1D 4k and 36k, width 256 and 1,024 "
+    "(quick: 4k set, batch 128, 12 epochs, both schedules).",
+    "all": "Every study in turn, then the report (about 4 hours with --jobs 2; resumable).",
+    "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
+}
+
+
+def _check_writable(p: argparse.ArgumentParser, flag: str, path: Path, is_dir: bool) -> None:
+    """Fail with one line when ``path`` (a directory, or a file's parent) cannot be written."""
+    target = path if is_dir else path.parent
+    if is_dir and path.exists() and not path.is_dir():
+        p.error(f"{flag} {path}: exists and is not a directory")
+    if not is_dir and path.is_dir():
+        p.error(f"{flag} {path}: is a directory; give a file name")
+    probe_from = target
+    while not probe_from.exists():
+        probe_from = probe_from.parent
+    if not probe_from.is_dir():
+        p.error(f"{flag} {path}: {probe_from} is not a directory")
+    if not os.access(probe_from, os.W_OK | os.X_OK):
+        p.error(f"{flag} {path}: {probe_from} is not writable")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        p.error(f"{flag} {path}: cannot write there ({e.strerror or e})")
+
+
+def _parser(studies: dict) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="a minute-scale version of the study")
+    common.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs/)")
+    common.add_argument(
         "--results",
         type=Path,
         default=Path("docs/results"),
         help="committed results of the full studies: read as a cache, written by full runs, read by 'report'",
     )
-    p.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
-    p.add_argument("--task", default=None, help="override the 4k task (e.g. cifar10 with --data-dir)")
-    p.add_argument(
+    common.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
+    common.add_argument("--device", default="cpu", help="cpu or cuda")
+    common.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
+    common.add_argument("--task", default=None, help="override the 4k task (e.g. cifar10 with --data-dir)")
+    common.add_argument(
         "--report",
         type=Path,
         default=Path("docs/REPRODUCTION.md"),
         help="where 'all' and 'report' write the reproduction report",
     )
-    p.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
-    p.add_argument(
+    common.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
+    common.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="cosine",
         help="learning-rate schedule of every run: cosine decay to 0 (default, the documented results), or the "
         "paper's (linear ramp over 5 epochs, then x0.3 every fifth of the budget); 'regularizers' sets its own",
     )
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one core each (default: 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--jobs", type=int, default=1, help="runs trained at once, one core each (default: 1)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = argparse.ArgumentParser(
+        prog="neumann-repro",
+        description=__doc__,
+        epilog="'neumann-repro STUDY --help' says what a study runs.",
+    )
+    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", title="studies")
+    for name in [*studies, "all", "report"]:
+        sub.add_parser(name, parents=[common], help=STUDY_HELP[name], description=STUDY_HELP[name])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(
+            "neumann-repro: interrupted; finished runs are kept in the cache (OUT/cache): "
+            "the same command resumes there",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    studies = _studies()
+    p = _parser(studies)
     args = p.parse_args(argv)
     _check(p, args)
     settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs, schedule=args.schedule)
     if args.task:
         settings.task4k = settings.task_large = args.task
-    runner = Runner(
-        args.out,
-        device=args.device,
-        data_dir=args.data_dir,
-        progress=not args.no_progress,
-        results_dir=args.results,
-        jobs=args.jobs,
-    )
+    writes_report = args.study in ("all", "report")
+    source = "runs" if not settings.is_full else "results"
+    source_dir = args.out if source == "runs" else args.results
+    if args.study == "report" and not has_results(source_dir, source):
+        where = f"--out {args.out} (quick runs)" if source == "runs" else f"--results {args.results}"
+        p.error(f"no study results in {where}: run a study first (e.g. 'neumann-repro compare --quick')")
+    if args.study != "report":
+        _check_writable(p, "--out", args.out, is_dir=True)
+    if writes_report:
+        _check_writable(p, "--report", args.report, is_dir=False)
     names = ALL_ORDER if args.study == "all" else ([] if args.study == "report" else [args.study])
-    for name in names:
-        t0 = time.perf_counter()
-        table = studies[name](runner, settings)
-        print(table)
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s; results in {args.out / name}]", flush=True)
-    if args.study in ("all", "report"):
-        source = "runs" if not settings.is_full else "results"
-        write_report(args.out if source == "runs" else args.results, args.report, settings, source)
+    if names:
+        runner = Runner(
+            args.out,
+            device=args.device,
+            data_dir=args.data_dir,
+            progress=not args.no_progress,
+            results_dir=args.results,
+            jobs=args.jobs,
+        )
+        for name in names:
+            t0 = time.perf_counter()
+            table = studies[name](runner, settings)
+            print(table)
+            print(f"[{name}: {time.perf_counter() - t0:.0f} s; results in {args.out / name}]", flush=True)
+    if writes_report:
+        notes = args.results.parent / "reproduction_notes.md"
+        write_report(source_dir, args.report, settings, source, notes=notes)
         print(f"[report written to {args.report}]")
     return 0
 

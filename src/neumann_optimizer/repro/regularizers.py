@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
 from .runner import Runner, final, fmt, mean_curve, mean_std
-from .studies import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
 from .tuning import Protocol, summarize, tune
 
 # name -> (label, the Neumann arguments that differ from the paper's Table 1)
@@ -93,7 +93,7 @@ def regularizers(runner: Runner, s: Settings) -> str:
         ),
         runs=[r for cell in runs.values() for r in cell],
     )
-    return finish(runner, s, payload)
+    return finish(runner, s, payload, render_regularizers)
 
 
 def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:

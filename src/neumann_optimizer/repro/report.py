@@ -11,10 +11,27 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .studies import BASELINES, LABELS, Settings, renderers
+from .common import Payload, Rendered, Settings
+from .curvature import render_curvature
+from .regularizers import render_regularizers
+from .studies import BASELINES, LABELS, render_ablation, render_batch_scaling, render_compare, render_seeds
+
+
+def renderers() -> dict[str, Callable[[Payload, Path], Rendered]]:
+    """Each study's renderer: a pure function of its payload (tables, summary, plots)."""
+    return {
+        "compare": render_compare,
+        "batch-scaling": render_batch_scaling,
+        "ablation": render_ablation,
+        "seeds": render_seeds,
+        "curvature": render_curvature,
+        "regularizers": render_regularizers,
+    }
+
 
 CLAIMS = {
     "compare": (
@@ -153,8 +170,16 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
     return "see the table"
 
 
-def write_report(source_dir: Path, report: Path, settings: Settings, source: str = "results") -> None:
-    """Render every study found in ``source_dir`` into ``report`` and ``report.parent/img``."""
+def has_results(source_dir: Path, source: str) -> bool:
+    """Whether ``source_dir`` holds any study's results (committed files, or quick runs' outputs)."""
+    return any(_load(study, source_dir, source) is not None for study in CLAIMS)
+
+
+def write_report(
+    source_dir: Path, report: Path, settings: Settings, source: str = "results", notes: Path | None = None
+) -> None:
+    """Render every study found in ``source_dir`` into ``report`` and ``report.parent/img``, with the
+    hand-written discussion ``notes`` (default: ``docs/reproduction_notes.md`` beside the results)."""
     report.parent.mkdir(parents=True, exist_ok=True)
     img = report.parent / "img"
     img.mkdir(exist_ok=True)
@@ -192,7 +217,7 @@ def write_report(source_dir: Path, report: Path, settings: Settings, source: str
         lines += [table.split("\n", 1)[1].strip().replace("## ", "### "), ""]
         lines += [f"![{study}]({img.name}/{study}-{png.name})\n" for png in pngs]
         lines += [f"**Verdict (rule-based):** {verdict(study, summary)}", ""]
-    notes = report.parent / "reproduction_notes.md"
+    notes = notes if notes is not None else source_dir.parent / "reproduction_notes.md"
     if notes.exists() and source == "results":  # the hand-written discussion of the committed numbers
         lines += [notes.read_text().strip(), ""]
     report.write_text("\n".join(lines))

@@ -53,8 +53,7 @@ class Runner:
         self.device = torch.device(device)
         self.data_dir = data_dir
         self.progress = progress
-        self.cache_dir = self.out / "cache"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = self.out / "cache"  # created by the first run that stores a result
 
     def data(self, task: str) -> Dataset:
         return _dataset(task, str(self.out / "data"), self.data_dir)
@@ -90,6 +89,8 @@ class Runner:
             else:
                 results.append(None)
                 todo.append((len(results) - 1, cfg, path))
+        if todo:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         bar = _progress(len(todo), desc, self.progress)
 
         def store(i: int, path: Path, res: dict[str, Any]) -> None:
@@ -162,10 +163,12 @@ def final(res: dict[str, Any], metric: str = "test_error") -> float:
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; the deviation of one value is unknown (nan), so a
+    single seed never passes for a noiseless result."""
     v = list(values)
     if not v:
         return math.nan, math.nan
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else math.nan)
 
 
 def by(results: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
@@ -197,4 +200,9 @@ def epochs_to_reach(curve: list[float], target: float) -> int | None:
 
 
 def fmt(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+    """``mean ± std``, or the mean alone where there is no spread to show (one seed)."""
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runner import Runner, by, epochs_to_reach, final, fmt, mean_curve, mean_std
+from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
+from .runner import Runner, by, epochs_to_reach, final, fmt, mean_curve, mean_std, plural
 from .tuning import Protocol, summarize, tune
 
 LABELS = {
@@ -30,76 +30,6 @@ LABELS = {
     "lamb": "LAMB",
 }
 BASELINES = ("sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
-
-Payload = dict[str, Any]
-Rendered = tuple[str, dict[str, Any]]  # (markdown table, summary the verdict reads)
-
-
-@dataclass
-class Settings:
-    quick: bool
-    seeds: int | None = None  # final seeds at the chosen setting; None: the study's default
-    task4k: str = "mnist1d-4k"
-    task_large: str = "mnist1d-36k"  # batch-scaling and compare's second task
-    epochs: int | None = None  # overrides every study's epoch budget (tests, smoke runs)
-    schedule: str = "cosine"  # the learning-rate schedule of every run (train.SCHEDULES)
-
-    def budget(self, quick: int, full: int) -> int:
-        return self.epochs if self.epochs is not None else (quick if self.quick else full)
-
-    def n_seeds(self, quick: int, full: int) -> int:
-        return self.seeds if self.seeds is not None else (quick if self.quick else full)
-
-    @property
-    def is_full(self) -> bool:
-        """The documented settings: what ``docs/results/`` holds (the regularizers study sets its
-        schedules per cell; the others are documented with cosine decay)."""
-        return not self.quick and self.epochs is None and self.schedule == "cosine"
-
-    def scheduled(self, cfg: dict[str, Any], warmup_epochs: int = 5) -> dict[str, Any]:
-        """``cfg`` under this run's schedule: with ``"paper"`` every optimizer, Neumann included,
-        ramps up over ``warmup_epochs`` (at most half the budget) and then decays in steps."""
-        cfg = {**cfg, "schedule": self.schedule}
-        if self.schedule == "paper":
-            cfg["warmup_epochs"] = min(warmup_epochs, cfg["epochs"] // 2)
-        return cfg
-
-
-def base_cfg(**kw: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = dict(warmup_epochs=0)
-    cfg.update(kw)
-    return cfg
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-
-
-def finish(runner: Runner, s: Settings, payload: Payload) -> str:
-    """Render the payload into ``OUT/STUDY`` (results.json, table.md, PNGs); with the documented
-    settings also write it to the runner's results directory (``docs/results/STUDY.json``)."""
-    study = payload["study"]
-    study_dir = runner.out / study
-    study_dir.mkdir(parents=True, exist_ok=True)
-    table, summary = renderers()[study](payload, study_dir)
-    (study_dir / "results.json").write_text(json.dumps({**payload, "summary": summary}, indent=1))
-    (study_dir / "table.md").write_text(table)
-    if s.is_full and runner.results_dir is not None:
-        runner.results_dir.mkdir(parents=True, exist_ok=True)
-        (runner.results_dir / f"{study}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    return table
 
 
 def _lr_range(tried: list[float]) -> str:
@@ -139,7 +69,7 @@ def compare(runner: Runner, s: Settings) -> str:
         meta=dict(tasks=meta_tasks, optimizers=optimizers, protocol=protocol.as_dict()),
         runs=[r for cell in runs.values() for r in cell],
     )
-    return finish(runner, s, payload)
+    return finish(runner, s, payload, render_compare)
 
 
 def render_compare(payload: Payload, out_dir: Path) -> Rendered:
@@ -148,8 +78,8 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# compare: fixed batch size (paper Table 2)\n",
         "Learning rate tuned per optimizer by the tuning protocol (a "
-        f"{protocol.points}-point start, {protocol.tune_seeds} tuning seed(s) per rate, extended until the "
-        f"chosen rate is inside the rates tried), then {protocol.final_seeds} seeds at the chosen rate; test "
+        f"{protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, extended until the "
+        f"chosen rate is inside the rates tried), then {plural(protocol.final_seeds, 'seed')} at the chosen rate; test "
         "error (%) of those seeds, mean ± std. Cosine decay to 0, no warmup. 'epochs to target': first epoch "
         "whose mean test error is at or below the best baseline's final mean test error.\n",
     ]
@@ -172,7 +102,8 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
         target = min(base) if base else math.nan
         lines += [
             f"\n## {name}: {t['model']} on {t['task']}, batch {t['batch']}, {t['epochs']} epochs\n",
-            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target | s per run |",
+            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target | "
+            "wall s per run (noisy) |",
             "|---|---|---|---|---|---|---|",
         ]
         for opt, row in rows.items():
@@ -190,20 +121,17 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
                 interior=row["interior"],
                 epochs_to_target=e,
             )
-        lines.append(f"\nTarget (best baseline final mean): {target:.2f}%\n")
+        lines.append(
+            f"\nTarget (best baseline final mean): {target:.2f}%. Wall-clock seconds per run on a shared 2-core "
+            "machine swing up to 4x between identical runs: orders of magnitude, not a speed comparison "
+            "(docs/PERFORMANCE.md has the benchmarks).\n"
+        )
         ax.axhline(target, color="gray", ls=":", lw=1)
         ax.set(title=f"compare: {t['model']} on {t['task']}", xlabel="epoch", ylabel="test error (%)")
         ax.set_ylim(0, min(100, 2.5 * max(target, 5)))
         ax.legend(fontsize=7)
     save_figure(fig, out_dir / "test_error.png")
     return "\n".join(lines) + "\n", summary
-
-
-def _cells(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        out.setdefault(r["cell"], []).append(r)
-    return out
 
 
 # ---------------------------------------------------------------- batch scaling (Table 3)
@@ -240,14 +168,22 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
             cfg = base_cfg(task=st["task"], model=st["model"], batch=b, epochs=st["epochs"], **v)
             if v["optimizer"] != "neumann":  # Neumann's burn-in and momentum ramp are its warmup
                 cfg["warmup_epochs"] = warmup
+            elif s.quick:  # 6 epochs: a 1-epoch burn-in leaves 5 epochs of the Neumann phase
+                cfg["burn_in_epochs"] = 1
             cells[f"{name}/{b}"] = (s.scheduled(cfg, warmup), centre * math.sqrt(b / 256))
     runs = tune(runner, cells, protocol, "batch-scaling")
     payload = dict(
         study="batch-scaling",
-        meta={**st, "warmup_epochs": warmup, "variants": list(BATCH_VARIANTS), "protocol": protocol.as_dict()},
+        meta={
+            **st,
+            "warmup_epochs": warmup,
+            "variants": list(BATCH_VARIANTS),
+            "protocol": protocol.as_dict(),
+            **({"neumann_burn_in_epochs": 1} if s.quick else {}),
+        },
         runs=[r for cell in runs.values() for r in cell],
     )
-    return finish(runner, s, payload)
+    return finish(runner, s, payload, render_batch_scaling)
 
 
 def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
@@ -266,10 +202,12 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         "# batch-scaling: batch size grown at a fixed epoch budget (paper Table 3)\n",
         f"{meta['model'].upper()} on {meta['task']} ({train_size:,} training examples), {meta['epochs']} epochs at "
         f"every batch size ({batches[0]} to {batches[-1]}, the largest {100 * batches[-1] / max(train_size, 1):.1f}% "
-        f"of the training set), cosine decay to 0. Baselines warm up linearly for {meta['warmup_epochs']} epochs "
-        "(Goyal et al.); Neumann has the paper's defaults (5 epochs of burn-in, its own warmup). Every cell tuned "
-        f"by the same protocol: {protocol.points}-point start, {protocol.tune_seeds} tuning seed(s) per rate, grid "
-        f"extended until the chosen rate is inside it, then {protocol.final_seeds} seeds at the chosen rate. "
+        f"of the training set), cosine decay to 0. Baselines warm up linearly for {plural(meta['warmup_epochs'], 'epoch')} "
+        f"(Goyal et al.); Neumann has the paper's defaults ({plural(meta.get('neumann_burn_in_epochs', 5), 'epoch')} of "
+        "burn-in, its own warmup). Every cell tuned "
+        f"by the same protocol: {protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, "
+        f"grid extended until the chosen rate is inside it, then {plural(protocol.final_seeds, 'seed')} at the chosen "
+        "rate. "
         "Test error (%) of those seeds, mean ± std (tuned lr).\n",
         "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
@@ -355,7 +293,7 @@ def ablation(runner: Runner, s: Settings) -> str:
         meta=dict(task=s.task4k, models=models, epochs=epochs, lrs=ABLATION_LRS, seeds=n),
         runs=runs,
     )
-    return finish(runner, s, payload)
+    return finish(runner, s, payload, render_ablation)
 
 
 def render_ablation(payload: Payload, out_dir: Path) -> Rendered:
@@ -363,7 +301,7 @@ def render_ablation(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# ablation: regularizers and burn-in (paper Table 4)\n",
         f"{meta['task']}, batch 128, {meta['epochs']} epochs, cosine decay to 0, lr {meta['lrs']}, "
-        f"{meta['seeds']} seed(s). 'best' is the lowest mean test error along the run and its epoch; "
+        f"{plural(meta['seeds'], 'seed')}. 'best' is the lowest mean test error along the run and its epoch; "
         "'repulsive > |g|' is the fraction of regularized steps whose repulsive force beta/r^2 exceeded the "
         "mini-batch gradient norm: over the whole run / over its last 10% of steps.\n",
         "| model | variant | final test error % | best test error % (epoch) | diverged runs | repulsive > |g| |",
@@ -446,7 +384,7 @@ def seeds(runner: Runner, s: Settings) -> str:
     payload = dict(
         study="seeds", meta=dict(task=task, model=model, epochs=epochs, lrs=lrs, lr_source=source), runs=runs
     )
-    return finish(runner, s, payload)
+    return finish(runner, s, payload, render_seeds)
 
 
 def render_seeds(payload: Payload, out_dir: Path) -> Rendered:
@@ -477,17 +415,3 @@ STUDIES: dict[str, Callable[[Runner, Settings], str]] = {
     "ablation": ablation,
     "seeds": seeds,
 }
-
-
-def renderers() -> dict[str, Callable[[Payload, Path], Rendered]]:
-    from .curvature import render_curvature
-    from .regularizers import render_regularizers
-
-    return {
-        "regularizers": render_regularizers,
-        "compare": render_compare,
-        "batch-scaling": render_batch_scaling,
-        "ablation": render_ablation,
-        "seeds": render_seeds,
-        "curvature": render_curvature,
-    }

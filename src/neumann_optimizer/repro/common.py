@@ -1,0 +1,88 @@
+"""What every study shares: its settings, configs, figures and how it writes its results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runner import Runner
+
+Payload = dict[str, Any]
+Rendered = tuple[str, dict[str, Any]]  # (markdown table, summary the verdict reads)
+
+
+@dataclass
+class Settings:
+    quick: bool
+    seeds: int | None = None  # final seeds at the chosen setting; None: the study's default
+    task4k: str = "mnist1d-4k"
+    task_large: str = "mnist1d-36k"  # batch-scaling and compare's second task
+    epochs: int | None = None  # overrides every study's epoch budget (tests, smoke runs)
+    schedule: str = "cosine"  # the learning-rate schedule of every run (train.SCHEDULES)
+
+    def budget(self, quick: int, full: int) -> int:
+        return self.epochs if self.epochs is not None else (quick if self.quick else full)
+
+    def n_seeds(self, quick: int, full: int) -> int:
+        return self.seeds if self.seeds is not None else (quick if self.quick else full)
+
+    @property
+    def is_full(self) -> bool:
+        """The documented settings: what ``docs/results/`` holds (the regularizers study sets its
+        schedules per cell; the others are documented with cosine decay)."""
+        return not self.quick and self.epochs is None and self.schedule == "cosine"
+
+    def scheduled(self, cfg: dict[str, Any], warmup_epochs: int = 5) -> dict[str, Any]:
+        """``cfg`` under this run's schedule: with ``"paper"`` every optimizer, Neumann included,
+        ramps up over ``warmup_epochs`` (at most half the budget) and then decays in steps."""
+        cfg = {**cfg, "schedule": self.schedule}
+        if self.schedule == "paper":
+            cfg["warmup_epochs"] = min(warmup_epochs, cfg["epochs"] // 2)
+        return cfg
+
+
+def base_cfg(**kw: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(warmup_epochs=0)
+    cfg.update(kw)
+    return cfg
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def finish(runner: Runner, s: Settings, payload: Payload, render: Callable[[Payload, Path], Rendered]) -> str:
+    """Render the payload into ``OUT/STUDY`` (results.json, table.md, PNGs); with the documented
+    settings also write it to the runner's results directory (``docs/results/STUDY.json``)."""
+    study = payload["study"]
+    study_dir = runner.out / study
+    study_dir.mkdir(parents=True, exist_ok=True)
+    table, summary = render(payload, study_dir)
+    (study_dir / "results.json").write_text(json.dumps({**payload, "summary": summary}, indent=1))
+    (study_dir / "table.md").write_text(table)
+    if s.is_full and runner.results_dir is not None:
+        runner.results_dir.mkdir(parents=True, exist_ok=True)
+        (runner.results_dir / f"{study}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return table
+
+
+def _cells(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(r["cell"], []).append(r)
+    return out
