@@ -202,9 +202,9 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         "# batch-scaling: batch size grown at a fixed epoch budget (paper Table 3)\n",
         f"{meta['model'].upper()} on {meta['task']} ({train_size:,} training examples), {meta['epochs']} epochs at "
         f"every batch size ({batches[0]} to {batches[-1]}, the largest {100 * batches[-1] / max(train_size, 1):.1f}% "
-        f"of the training set), cosine decay to 0. Baselines warm up linearly for {plural(meta['warmup_epochs'], 'epoch')} "
-        f"(Goyal et al.); Neumann has the paper's defaults ({plural(meta.get('neumann_burn_in_epochs', 5), 'epoch')} of "
-        "burn-in, its own warmup). Every cell tuned "
+        "of the training set), cosine decay to 0. Baselines warm up linearly for "
+        f"{plural(meta['warmup_epochs'], 'epoch')} (Goyal et al.); Neumann has the paper's defaults "
+        f"({plural(meta.get('neumann_burn_in_epochs', 5), 'epoch')} of burn-in, its own warmup). Every cell tuned "
         f"by the same protocol: {protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, "
         f"grid extended until the chosen rate is inside it, then {plural(protocol.final_seeds, 'seed')} at the chosen "
         "rate. "
