@@ -123,3 +123,15 @@ def test_readme_accelerate_snippet_trains_and_saves_evaluation_weights(tmp_path,
     scope, printed = _run_block(_integration_blocks()[2], tmp_path, monkeypatch)
     assert _accuracy(printed) > 0.8
     assert not scope["opt"].optimizer.training
+
+
+def test_readme_jax_block_runs_and_learns():
+    """The README's JAX example, run as written: loss at the evaluation weights below chance's."""
+    pytest.importorskip("optax")
+    section = (ROOT / "README.md").read_text().split("## JAX: `neumann-optax`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README-jax", "exec"), {"__name__": "__readme__"})
+    loss = float(re.search(r"evaluation weights: ([0-9.]+)", out.getvalue()).group(1))
+    assert loss < 1.0  # log(10) = 2.30 at chance

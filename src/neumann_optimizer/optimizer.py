@@ -84,7 +84,8 @@ class Neumann(EvaluationWeights, Optimizer):
         params: parameters or parameter groups (named parameters are accepted too: their names
             then appear in error messages). Every group has its own norm and its own ``n``.
         lr: learning rate ``eta`` (the one hyperparameter to tune); read at every step, so every
-            ``torch.optim.lr_scheduler`` works.
+            ``torch.optim.lr_scheduler`` works. May be left out when every group carries its own
+            (any group may also carry the step counts or its own ``steps_per_epoch``).
         steps_per_epoch: steps in one epoch; gives the paper's epoch-denominated defaults
             (burn-in 5 epochs, first reset interval 10 epochs, momentum ramp 1 epoch).
         burn_in_steps: ``B``, steps of plain SGD before the Neumann phase.
@@ -100,14 +101,17 @@ class Neumann(EvaluationWeights, Optimizer):
         repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``.
         ema_decay: ``gamma``, decay of the moving average ``v`` of the weights.
         weight_decay: coupled L2 penalty added to the gradient (as ``torch.optim.SGD``).
-        regularizer_schedule: ``"constant"`` (the paper, default) or ``"lr"``: an opt-in variant
-            (ours, not the paper's) that scales ``alpha`` and ``beta`` by ``lr / reference_lr``,
-            the learning rate's ratio to its value when the group was created, so the
-            regularizers decay with the learning-rate schedule.
+        regularizer_schedule: ``"constant"`` (the paper) scales nothing; ``"lr"`` or a number ``p``
+            (our variants, not the paper's) scale ``alpha`` and ``beta`` by ``lr / reference_lr``
+            or ``(lr / reference_lr) ** p``, the learning rate's ratio to its value when the group
+            was created, so the regularizers decay with the learning-rate schedule.
         nonfinite: what to do when a gradient holds inf or NaN: ``"skip"`` (default) leaves
-            weights and state untouched, warns and counts the step in
-            ``param_groups[i]["skipped_steps"]``; ``"raise"`` raises naming the parameter;
-            ``"ignore"`` does no check (fastest, no host synchronisation).
+            weights and state untouched and counts the step in ``param_groups[i]["skipped_steps"]``
+            (warning at the 1st, 10th, 100th, ... skip, and once with a :class:`DivergedWarning`
+            when 100 steps in a row were skipped); ``"raise"`` raises naming the parameter;
+            ``"ignore"`` does no check (fastest, no host synchronisation). Inside ``torch.compile``
+            ``"skip"`` checks with a tensor (no graph break): a non-finite step writes nothing
+            back but still counts as a step.
         evaluation: how :meth:`eval` switches to ``w - mu m``. ``"exact"`` (default) keeps a copy of
             the training weights (+1x parameter memory while in eval mode) and :meth:`train`
             restores them bit for bit, so evaluating never changes a training run. ``"in_place"``
