@@ -17,6 +17,8 @@ import pytest
 
 pytest.importorskip("mnist1d")
 
+import contextlib
+
 from neumann_optimizer.repro import runner as runner_mod
 from neumann_optimizer.repro import tuning as tuning_mod
 from neumann_optimizer.repro.__main__ import STUDY_HELP, _studies, main
@@ -151,8 +153,6 @@ def test_quick_curvature_traces_the_neumann_phase(monkeypatch, tmp_path):
         return [], 0.0
 
     monkeypatch.setattr(curv, "_trace", fake_trace)
-    try:
+    with contextlib.suppress(KeyError, ValueError, IndexError):
         curv.curvature(runner_mod.Runner(tmp_path, progress=False), Settings(quick=True))
-    except (KeyError, ValueError, IndexError):
-        pass
     assert seen["epochs"] - seen.get("burn_in_epochs", 5) >= 5
