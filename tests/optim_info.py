@@ -20,6 +20,10 @@ from torch.testing._internal.common_optimizers import (
 
 from neumann_optimizer import Neumann
 
+# importing torch's internal test utilities freezes torch.backends' global flags (its own suite sets
+# them through context managers); the rest of our suite (Lightning, say) sets them directly
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 # short schedules, so a few steps cover burn-in, resets and regularized steps
 SHORT = dict(burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2)
 
