@@ -9,6 +9,7 @@ the source tree) and, for ``neumann-optax``, that torch is never imported.
 from __future__ import annotations
 
 import email
+import os
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+# the fresh environment must not see the source tree through PYTHONPATH
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.message.Message]:
@@ -39,22 +42,25 @@ def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.messa
         check=True,
         capture_output=True,
         cwd=tmp,
+        env=ENV,
     )
     (wheel,) = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=ENV)
     python = venv / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
         check=True,
         capture_output=True,
+        env=ENV,
     )
     site = Path(
         subprocess.run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True,
+            env=ENV,
             capture_output=True,
             text=True,
         ).stdout.strip()
@@ -85,7 +91,7 @@ def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
         "assert opt.param_groups[0]['step'] == 4\n"
         "print('OK', n.__version__)\n"
     )
-    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
@@ -112,5 +118,5 @@ def test_neumann_optax_wheel_installs_without_torch(tmp_path):
         "assert int(s.count) == 7 and 'torch' not in sys.modules\n"
         "print('OK')\n"
     )
-    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
