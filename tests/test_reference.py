@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import ElementwiseProblem, flat
 from hypothesis import given, settings
@@ -192,3 +193,32 @@ def test_foreach_and_for_loop_paths_identical(seed, dtype):
             torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-7)
             torch.testing.assert_close(oa.state[a]["m"], ob.state[b]["m"], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(oa.state[a]["v"], ob.state[b]["v"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("kwargs", "beta_per_n"), [({"repulsive_weight": 1e-5}, 1e-5), ({}, 0.0)])
+def test_paper_defaults_are_one_argument_away(kwargs, beta_per_n):
+    """``repulsive_weight=1e-5`` with every other default is the paper's Table 1, step for step
+    against the float64 reference; without it (the library's default) beta is 0."""
+    problem = ElementwiseProblem([[(4, 3), (5,)]], 11)
+    spe = 3
+    opt = Neumann(problem.params[0], lr=0.05, steps_per_epoch=spe, **kwargs)
+    ref = RefGroup(
+        w=problem.flat_w0(0),
+        lr=0.05,
+        burn_in=5 * spe,
+        reset0=10 * spe,
+        growth=2.0,
+        mu_min=0.5,
+        mu_max=0.9,
+        tau=float(spe),
+        alpha=1e-7,
+        beta_per_n=beta_per_n,
+        gamma=0.99,
+        wd=0.0,
+    )
+    for _ in range(120):  # burn-in, resets at t = 1, 31, 91, regularized steps between
+        problem.set_grads()
+        opt.step()
+        ref.step(problem.np_grad(0, ref.w))
+        np.testing.assert_allclose(flat(problem.params[0]), ref.w, rtol=0, atol=1e-12)
+    assert opt.param_groups[0]["next_reset"] == ref.next_reset

@@ -122,7 +122,7 @@ def neumann(
     momentum: tuple[float, float] | float = (0.5, 0.9),
     momentum_ramp_steps: float | None = None,
     cubic_weight: float = 1e-7,
-    repulsive_weight: float = 1e-5,
+    repulsive_weight: float = 0.0,
     ema_decay: float = 0.99,
     weight_decay: float = 0.0,
     regularizer_schedule: str | float = "constant",
@@ -140,7 +140,8 @@ def neumann(
         momentum: ``(mu_min, mu_max)`` for the paper's ramp, or one number: a constant ``mu``.
         momentum_ramp_steps: ``tau`` of the ramp.
         cubic_weight: ``alpha`` of the cubic regularizer ``alpha/3 ||w - v||^3``.
-        repulsive_weight: ``beta / n`` of the repulsive term ``beta / ||w - v||``.
+        repulsive_weight: ``beta / n`` of the repulsive term ``beta / ||w - v||``; 0 by default, as
+            in the PyTorch class (the paper's Table 1 has 1e-5: pass it for the paper exactly).
         ema_decay: ``gamma``, decay of the moving average ``v``.
         weight_decay: coupled L2 added to the gradient (as ``torch.optim.SGD``); for decoupled
             decay chain ``optax.add_decayed_weights`` after this transformation.

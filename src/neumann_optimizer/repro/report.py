@@ -113,7 +113,7 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
     if study == "compare":
         parts = []
         for task in sorted({k.split("/")[0] for k in summ}):
-            neu = summ.get(f"{task}/neumann")
+            neu = summ.get(f"{task}/neumann-default") or summ.get(f"{task}/neumann")
             bases = [(o, summ[f"{task}/{o}"]) for o in BASELINES if f"{task}/{o}" in summ]
             if neu is None or not bases:
                 continue
@@ -128,10 +128,11 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
         return "; ".join(parts) or "no results"
     if study == "batch-scaling":
         batches = sorted({int(k.split("/")[1]) for k in summ})
-        if not batches or f"neumann/{batches[-1]}" not in summ:
+        small, large = (batches[0], batches[-1]) if batches else (0, 0)
+        row = "neumann-default" if f"neumann-default/{large}" in summ else "neumann"
+        if f"{row}/{large}" not in summ:
             return "no results"
-        small, large = batches[0], batches[-1]
-        neu = summ[f"neumann/{large}"]
+        neu = summ[f"{row}/{large}"]
         bases = [(o, summ[f"{o}/{small}"]) for o in BASELINES if f"{o}/{small}" in summ]
         name, base = min(bases, key=lambda kv: kv[1]["test_mean"])
         loss = neu["test_mean"] - base["test_mean"]
