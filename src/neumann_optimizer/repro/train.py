@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import Neumann
+from ..optimizer import DivergedWarning, Neumann
 from .tasks import Dataset, has_batchnorm, make_model
 
 PAPER_REPULSIVE_WEIGHT = 1e-5  # beta / n of the paper's Table 1
@@ -166,6 +166,7 @@ def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, A
         # a diverging Neumann run skips every step from then on, each with a warning; the run
         # is recorded as diverged at the end of that epoch, so the warnings say nothing more
         warnings.filterwarnings("ignore", message="Neumann: non-finite gradient", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", category=DivergedWarning)
         return _run(cfg, data, device)
 
 
