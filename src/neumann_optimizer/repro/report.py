@@ -168,6 +168,15 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
                     f"{'better' if above else 'not better'} than SGD at the same lr"
                 )
         return "; ".join(parts)
+    if study == "regularizers":
+        chosen = summ.get("chosen")
+        cells = sorted({k.rsplit("/", 1)[0] for k in summ if k != "chosen"})
+        paper = [summ[f"{c}/paper"]["late_loss"] for c in cells if f"{c}/paper" in summ]
+        out = f"the paper's regularizers give back {min(paper):+.2f} to {max(paper):+.2f} points late in the run"
+        if chosen:
+            late = [summ[f"{c}/{chosen}"]["late_loss"] for c in cells if f"{c}/{chosen}" in summ]
+            out += f"; the default chosen by the rule ({chosen}) at most {max(late):+.2f}"
+        return out + ": **the late loss is the paper's repulsive term**" if chosen == "no-repulsive" else out
     return "see the table"
 
 
