@@ -51,18 +51,29 @@ def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
 def test_batch_scaling_quick_has_every_optimizer(tmp_path):
     assert main(["batch-scaling", "--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     res = json.loads((tmp_path / "batch-scaling" / "results.json").read_text())
-    opts = {(r["config"]["optimizer"], r["config"].get("regularizer_schedule")) for r in res["runs"]}
+    opts = {
+        (r["config"]["optimizer"], r["config"].get("regularizer_schedule"), r["config"].get("repulsive_weight"))
+        for r in res["runs"]
+    }
     assert opts == {
-        ("neumann", None),
-        ("neumann", "lr"),
-        ("sgd", None),
-        ("adamw", None),
-        ("lars", None),
-        ("lamb", None),
+        ("neumann", None, 0.0),  # the default (no repulsive term)
+        ("neumann", None, None),  # the paper's Table 1
+        ("neumann", "lr", None),
+        ("sgd", None, None),
+        ("adamw", None, None),
+        ("lars", None, None),
+        ("lamb", None, None),
     }
     assert {r["config"]["batch"] for r in res["runs"]} == {64, 256}
     table = (tmp_path / "batch-scaling" / "table.md").read_text()
-    for label in ("LARS", "LAMB", "AdamW", "SGD+Nesterov", "Neumann"):
+    for label in (
+        "LARS",
+        "LAMB",
+        "AdamW",
+        "SGD+Nesterov",
+        "Neumann (default: no repulsive term)",
+        "Neumann, paper's regularizers",
+    ):
         assert f"| {label} |" in table
 
 

@@ -13,7 +13,7 @@ from reference import RefGroup
 
 from neumann_optimizer import Neumann
 
-KW = dict(burn_in_steps=3, reset_steps=5, reset_growth=2.0, momentum_ramp_steps=2.0)
+KW = dict(burn_in_steps=3, reset_steps=5, reset_growth=2.0, momentum_ramp_steps=2.0, repulsive_weight=1e-5)
 
 
 def _reference(problem, lr: float) -> RefGroup:
