@@ -147,40 +147,6 @@ def _multi_tensor_neumann(
     torch._foreach_lerp_(vs, params, 1.0 - ema_decay)
 
 
-def _masked_neumann(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor],
-    *,
-    phase: Phase,
-    lr: float,
-    momentum: float,
-    coef: Tensor | None,
-    ema_decay: float,
-    apply: Tensor,
-) -> None:
-    """The update in functional form, written back only where the 0-d bool ``apply`` is true: a
-    step skipped without a host synchronisation (inside ``torch.compile``, where inductor fuses
-    each tensor's expressions into one pass)."""
-    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
-        if phase is Phase.BURN_IN:
-            w.copy_(torch.where(apply, w - lr * g, w))
-            continue
-        if phase is Phase.RESET:
-            d = g
-            m_new = -lr * d
-        else:
-            assert coef is not None
-            d = g + coef * (w - v)
-            m_new = momentum * m - lr * d
-        w_new = w + momentum * m_new - lr * d
-        v_new = torch.lerp(v, w_new, 1.0 - ema_decay)
-        m.copy_(torch.where(apply, m_new, m))
-        v.copy_(torch.where(apply, v_new, v))
-        w.copy_(torch.where(apply, w_new, w))
-
-
 def neumann_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -206,23 +172,27 @@ def neumann_update(
     path does), so the result is within half an ulp of a float64 step instead of accumulating
     one rounding per operation.
     """
-    low = [i for i, w in enumerate(params) if w.dtype in LOW_PRECISION]
-    targets = [(params, ms, vs)] if low else []
-    if low:
+    originals = (params, ms, vs)
+    low = any(w.dtype in LOW_PRECISION for w in params)
+    if low:  # float32 copies of the low-precision tensors (the others as they are)
         params, grads, ms, vs = (_upcast(ts) for ts in (params, grads, ms, vs))
     grads = _with_weight_decay(params, grads, weight_decay, foreach)
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
-    if apply is not None:
-        _masked_neumann(params, grads, ms, vs, apply=apply, **kw)
+    if apply is not None:  # the compiled path's functional form, written back where ``apply`` holds
+        c = coef if coef is not None else 0.0
+        _fused_body(
+            params, grads, ms, vs, lr, momentum, c, 1.0 - ema_decay, 0.0, 0.0, 0.0, phase.value, False, False, apply
+        )
     elif foreach:
         _multi_tensor_neumann(params, grads, ms, vs, **kw)
     else:
         _single_tensor_neumann(params, grads, ms, vs, **kw)
-    for orig_w, orig_m, orig_v in targets:  # round the float32 results once
-        for i in low:
-            orig_w[i].copy_(params[i])
-            orig_m[i].copy_(ms[i])
-            orig_v[i].copy_(vs[i])
+    if low:  # round the float32 results once (burn-in leaves m and v as they were)
+        written = originals if phase is not Phase.BURN_IN else originals[:1]
+        for dsts, srcs in zip(written, (params, ms, vs), strict=False):
+            for dst, src in zip(dsts, srcs, strict=True):
+                if dst is not src:
+                    dst.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,32 +213,39 @@ def _fused_body(
     grads: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor],
-    lr: Tensor,
-    mu: Tensor,
-    coef: Tensor,
-    keep: Tensor,
-    weight_decay: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
+    lr: Tensor | float,
+    mu: Tensor | float,
+    coef: Tensor | float,
+    keep: Tensor | float,
+    weight_decay: Tensor | float,
+    alpha: Tensor | float,
+    beta: Tensor | float,
     phase: str,
     use_weight_decay: bool,
     reduce_norm: bool,
+    apply: Tensor | None = None,
 ) -> Tensor | None:
     """The SPEC's update for every tensor, written once; ``phase`` and the flags are static.
 
     With ``reduce_norm`` (Neumann phase, unsharded parameters) the coefficient is computed here
     from ``alpha``, ``beta`` and the group norm, which is returned; otherwise ``coef`` is used as
-    given and nothing is returned.
+    given and nothing is returned. With ``apply`` (a 0-d bool tensor) each new value is written
+    back only where it is true: a step skipped without a host synchronisation (inside
+    ``torch.compile``, where inductor fuses each tensor's expressions into one pass).
     """
+
+    def put(dst: Tensor, new: Tensor) -> None:
+        dst.copy_(new if apply is None else torch.where(apply, new, dst))
+
     sq = None
     if phase == "neumann" and reduce_norm:
         sq = _sq_body(params, vs)
-        coef = regularizer_coefficient(sq.sqrt(), alpha, beta).to(lr.dtype)
+        coef = regularizer_coefficient(sq.sqrt(), alpha, beta).to(sq.dtype)
     for w, g, m, v in zip(params, grads, ms, vs, strict=True):
         if use_weight_decay:
             g = g + weight_decay * w
         if phase == "burn_in":
-            w.copy_(w - lr * g)
+            put(w, w - lr * g)
             continue
         if phase == "reset":
             d = g
@@ -277,9 +254,10 @@ def _fused_body(
             d = g + coef * (w - v)
             m_new = mu * m - lr * d
         w_new = w + mu * m_new - lr * d
-        m.copy_(m_new)
-        w.copy_(w_new)
-        v.copy_(v + keep * (w_new - v))  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
+        v_new = v + keep * (w_new - v)  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
+        put(m, m_new)
+        put(w, w_new)
+        put(v, v_new)
     return sq
 
 

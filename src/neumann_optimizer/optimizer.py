@@ -384,8 +384,10 @@ class Neumann(EvaluationWeights, Optimizer):
                     state["v"] = p.detach().clone(memory_format=torch.preserve_format)
                 ms.append(state["m"])
                 vs.append(state["v"])
-            sq = self._update(gi, plan.phase, plan.momentum, params, grads, ms, vs, apply)
-            self._records[gi] = (plan, float(group["lr"]), sq, *regularizer_weights(group))
+            lr = float(group["lr"])
+            weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN else None
+            sq = self._update(gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs, apply)
+            self._records[gi] = (plan, lr, sq, weights)
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
             group["last_momentum"] = plan.momentum
@@ -409,6 +411,8 @@ class Neumann(EvaluationWeights, Optimizer):
         gi: int,
         phase: Phase,
         mu: float,
+        lr: float,
+        weights: tuple[float, float] | None,
         params: list[Tensor],
         grads: list[Tensor],
         ms: list[Tensor],
@@ -417,14 +421,15 @@ class Neumann(EvaluationWeights, Optimizer):
     ) -> Tensor | float | None:
         """One group's update on the chosen path; returns the squared group norm ``||w - v||^2``
         the regularizer used (Neumann phase; ``None`` where the path kept it on the device).
+        ``weights``: the regularizer's (alpha, beta) in the Neumann phase, else ``None``.
         ``apply`` (inside torch.compile): a 0-d bool tensor, the step is written back only where true."""
         group = self.param_groups[gi]
         plain = self._is_plain(gi)
         lw, lg, lm, lv = (self._local(gi, ts) for ts in (params, grads, ms, vs))
-        alpha, beta = regularizer_weights(group) if phase is Phase.NEUMANN else (0.0, 0.0)
+        alpha, beta = weights if weights is not None else (0.0, 0.0)
         kwargs = dict(
             phase=phase,
-            lr=float(group["lr"]),
+            lr=lr,
             momentum=mu,
             ema_decay=group["ema_decay"],
             weight_decay=group["weight_decay"],
@@ -502,7 +507,10 @@ class Neumann(EvaluationWeights, Optimizer):
         rec = self._records.get(group)
         if rec is None:
             return None
-        return describe_step(self.param_groups[group]["step"], *rec)
+        plan, lr, sq, weights = rec
+        if weights is None:  # not needed by the step itself; as they stood at its learning rate
+            weights = regularizer_weights({**self.param_groups[group], "lr": lr})
+        return describe_step(self.param_groups[group]["step"], plan, lr, sq, *weights)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
