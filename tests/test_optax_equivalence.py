@@ -4,6 +4,8 @@ learning-rate schedule, to 1e-9."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import neumann_optax
@@ -98,7 +100,8 @@ def test_jax_torch_and_reference_trajectories_agree(hp, seed, steps, fused):
     np.testing.assert_allclose(ev, flat(opt.evaluation_weights().values()), rtol=0, atol=1e-9)
     assert int(state.count) == opt.param_groups[0]["step"] == steps
     assert int(state.next_reset) == opt.param_groups[0]["next_reset"]
-    assert float(state.last_momentum) == opt.param_groups[0]["last_momentum"]
+    # mu = clip(1 - 1/(1 + t/tau), ...) is computed by XLA and by Python: equal to rounding
+    assert math.isclose(float(state.last_momentum), opt.param_groups[0]["last_momentum"], rel_tol=0, abs_tol=1e-12)
 
 
 def test_defaults_and_argument_names_match_the_pytorch_class():
