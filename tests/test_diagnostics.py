@@ -90,5 +90,5 @@ def test_adaptive_momentum_sets_group_momentum_every_n_steps():
         opt.step()
     assert [h[0] for h in ada.history] == [1, 4, 7]
     mu = ada.history[-1][3]
-    assert 0.5 <= mu <= 0.9 and opt.param_groups[0]["momentum"] == (mu, mu)
+    assert 0.5 <= mu <= 0.9 and opt.param_groups[0]["momentum_bounds"] == (mu, mu)
     assert opt.param_groups[0]["last_momentum"] == pytest.approx(ada.history[-1][3])

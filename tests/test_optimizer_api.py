@@ -44,7 +44,7 @@ def test_epoch_defaults():
     opt = Neumann(tiny_model().parameters(), lr=0.1, steps_per_epoch=7)
     g = opt.param_groups[0]
     assert (g["burn_in_steps"], g["reset_steps"], g["momentum_ramp_steps"]) == (35, 70, 7)
-    assert g["momentum"] == (0.5, 0.9) and g["cubic_weight"] == 1e-7
+    assert g["momentum_bounds"] == (0.5, 0.9) and g["momentum"] == 0.0 and g["cubic_weight"] == 1e-7
     assert g["repulsive_weight"] == 0.0  # the one default that leaves the paper's Table 1 (1e-5)
     assert g["ema_decay"] == 0.99 and g["reset_growth"] == 2.0 and g["weight_decay"] == 0.0
 

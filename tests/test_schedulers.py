@@ -96,7 +96,9 @@ def test_state_dict_round_trips_either_momentum_form(problem_factory, momentum):
     buf.seek(0)
     resumed = Neumann(cut.params[0], lr=0.05, **KW)  # constructed with the default pair
     resumed.load_state_dict(torch.load(buf, weights_only=True))
-    assert resumed.param_groups[0]["momentum"] == momentum
+    pair = momentum if isinstance(momentum, tuple) else (momentum, momentum)
+    assert resumed.param_groups[0]["momentum_bounds"] == pair
+    assert resumed.param_groups[0]["momentum"] == oc.param_groups[0]["last_momentum"] > 0
     for _ in range(8):
         for pr, o in ((full, of), (cut, resumed)):
             pr.set_grads()

@@ -17,6 +17,9 @@ COUNTERS = {
     "next_reset": 1,  # Neumann-phase step t of the next iterate reset
     "reset_interval": None,  # K_j, the current reset interval (filled from reset_steps)
     "last_momentum": 0.0,  # mu of the last applied step (evaluation weights w - mu m)
+    # param_group["momentum"] itself is a float, as every momentum monitor expects: the mu of the
+    # last step (0.0 before the first and during burn-in), or, once a scheduler wrote it, the mu
+    # of the next step; the (mu_min, mu_max) of the ramp live in "momentum_bounds"
     "skipped_steps": 0,  # steps skipped for a non-finite gradient
     "consecutive_skipped_steps": 0,  # of those, how many in a row up to now
     "train_mode": True,  # False between eval() and train()
@@ -118,6 +121,27 @@ def validate_group(group: dict[str, Any]) -> None:
                 "Neumann: regularizer_schedule must be 'constant', 'lr' or a power p >= 0 "
                 f"(alpha, beta scaled by (lr / initial lr) ** p), got {sched!r}"
             )
+
+
+def split_momentum(group: dict[str, Any]) -> None:
+    """Move a new group's validated ``momentum`` (a pair, or one number: the constant pair) to
+    ``momentum_bounds`` and leave in ``momentum`` the mu of the last step (0.0: none yet)."""
+    mom = group["momentum"]
+    group["momentum_bounds"] = tuple(mom) if isinstance(mom, (tuple, list)) else (mom, mom)
+    group["momentum"] = float(group.get("last_momentum", 0.0))
+
+
+def upgrade_momentum(group: dict[str, Any]) -> None:
+    """A group saved by version 0.1 kept the pair in ``momentum``; a float there meant a constant
+    mu (given, or written by a scheduler), which stays in charge as a scheduler's value does."""
+    if "momentum_bounds" in group:
+        return
+    mom = group["momentum"]
+    if isinstance(mom, (tuple, list)):
+        group["momentum_bounds"] = tuple(float(x) for x in mom)
+        group["momentum"] = float(group.get("last_momentum", 0.0))
+    else:
+        group["momentum_bounds"] = None
 
 
 def regularizer_scale(group: dict[str, Any]) -> float:

@@ -154,6 +154,6 @@ class AdaptiveMomentum:
         spec = hessian_eigenvalues(loss_fn, params, self.iterations, seed=self.calls)
         mu = momentum_from_curvature(spec.lambda_min, spec.lambda_max, self.mu_min, self.mu_max)
         for group in self.optimizer.param_groups:
-            group["momentum"] = (mu, mu)
+            group["momentum_bounds"] = (mu, mu)  # a constant mu from the next step on
         self.history.append((self.calls, spec.lambda_min, spec.lambda_max, mu))
         return mu

@@ -29,6 +29,8 @@ from ._hyperparams import (
     regularizer_scale,
     regularizer_weights,
     resolve_group,
+    split_momentum,
+    upgrade_momentum,
     validate_group,
 )
 from ._paths import (
@@ -40,7 +42,7 @@ from ._paths import (
     all_reduce_flag,
     native_update,
 )
-from .schedule import Phase, next_reset_interval, plan_step
+from .schedule import Phase, next_reset_interval, plan_step, scheduler_wrote_momentum
 
 __all__ = ["FUSED_DEFAULT_MIN_NUMEL", "DivergedWarning", "Neumann", "regularizer_scale", "regularizer_weights"]
 
@@ -218,6 +220,7 @@ class Neumann(EvaluationWeights, Optimizer):
         validate_group(group)
         for key, default in COUNTERS.items():
             group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+        split_momentum(group)
         group.setdefault("reference_lr", float(group["lr"]))
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError("Neumann: call optimizer.train() before adding a parameter group")
@@ -240,9 +243,11 @@ class Neumann(EvaluationWeights, Optimizer):
             group.setdefault("reference_lr", float(group["lr"]))
             for key, default in COUNTERS.items():
                 group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+            upgrade_momentum(group)
 
     def __repr__(self) -> str:
-        keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum", "cubic_weight", "repulsive_weight", "ema_decay")
+        keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum_bounds", "momentum", "cubic_weight")
+        keys += ("repulsive_weight", "ema_decay")
         keys += ("weight_decay", "regularizer_schedule")
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
@@ -374,6 +379,8 @@ class Neumann(EvaluationWeights, Optimizer):
 
     def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
         group = self.param_groups[gi]
+        if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
+            group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
         if params:
             ms, vs = [], []
@@ -391,6 +398,8 @@ class Neumann(EvaluationWeights, Optimizer):
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
             group["last_momentum"] = plan.momentum
+        if group["momentum_bounds"] is not None:  # following the ramp: report the mu used
+            group["momentum"] = group["last_momentum"]
         if plan.phase is Phase.RESET:
             group["next_reset"] += group["reset_interval"]
             group["reset_interval"] = next_reset_interval(group["reset_interval"], group["reset_growth"])

@@ -27,10 +27,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..monitoring import StepLog
 from ..optimizer import Neumann
 from . import unwrap_neumann
 
-__all__ = ["EvaluationWeights", "neumann_optimizers"]
+__all__ = ["EvaluationWeights", "NeumannMonitor", "neumann_optimizers"]
 
 
 def neumann_optimizers(optimizers: Any) -> list[Neumann]:
@@ -120,3 +121,45 @@ class EvaluationWeights(pl.Callback):
             opt.eval()
         if opts and self.update_bn and _batchnorm_state(pl_module):
             self._recompute_bn(trainer, pl_module)
+
+
+class NeumannMonitor(pl.Callback):
+    """Log Neumann's own quantities (``neumann_optimizer.monitoring``: phase, mu, ||w - v||,
+    gradient norm, the cubic and repulsive forces and their ratio to it, skipped steps) to every
+    logger of the trainer, every ``every_n_steps`` optimizer steps, at the trainer's global step.
+
+    .. code-block:: python
+
+        trainer = lightning.Trainer(callbacks=[NeumannMonitor(every_n_steps=50)])
+
+    With several Neumann optimizers the names carry ``neumann{i}/``. Lightning's own
+    ``LearningRateMonitor(log_momentum=True)`` logs the mu of the last step as well.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+        self._logs: list[StepLog] = []
+        self._sent: list[int] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove()
+        opts = neumann_optimizers(trainer.optimizers)
+        prefixes = ["neumann"] if len(opts) == 1 else [f"neumann{i}" for i in range(len(opts))]
+        self._logs = [StepLog(opt, self.every_n_steps, prefix=pre) for opt, pre in zip(opts, prefixes, strict=True)]
+        self._sent = [0] * len(self._logs)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        for i, log in enumerate(self._logs):
+            if log.latest is None or log.latest[0] == self._sent[i]:
+                continue
+            self._sent[i] = log.latest[0]
+            for logger in trainer.loggers:
+                logger.log_metrics(log.latest[1], step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for log in self._logs:
+            log.remove()
+        self._logs = []

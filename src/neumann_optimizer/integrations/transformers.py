@@ -25,9 +25,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..monitoring import StepLog
 from . import unwrap_neumann
 
-__all__ = ["EvaluationWeightsCallback"]
+__all__ = ["EvaluationWeightsCallback", "NeumannLogCallback"]
 
 
 class EvaluationWeightsCallback(TrainerCallback):
@@ -48,3 +49,45 @@ class EvaluationWeightsCallback(TrainerCallback):
             opt._adopt_evaluation_weights()  # the loaded best weights are evaluation weights already
         else:
             opt.eval()
+
+
+class NeumannLogCallback(TrainerCallback):
+    """Log Neumann's own quantities (``neumann_optimizer.monitoring``: phase, mu, ||w - v||,
+    gradient norm, the cubic and repulsive forces and their ratio to it, skipped steps) through
+    ``trainer.log`` every ``every_n_steps`` optimizer steps, so they reach ``log_history`` and
+    every ``report_to`` integration (TensorBoard, W&B, ...) beside the loss.
+
+    .. code-block:: python
+
+        trainer = Trainer(..., optimizers=(opt, scheduler))
+        trainer.add_callback(NeumannLogCallback(trainer, every_n_steps=50))
+
+    It holds the trainer because a ``TrainerCallback`` cannot add to the logs otherwise: the
+    reporting callbacks have already seen them when a later callback's ``on_log`` runs.
+    """
+
+    def __init__(self, trainer: Any, every_n_steps: int = 50) -> None:
+        self.trainer = trainer
+        self.every_n_steps = every_n_steps
+        self._log: StepLog | None = None
+        self._sent = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
+    ) -> None:
+        self.on_train_end(args, state, control)
+        opt = unwrap_neumann(optimizer)
+        if opt is not None:
+            self._log = StepLog(opt, self.every_n_steps)
+            self._sent = 0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self._log is None or self._log.latest is None or self._log.latest[0] == self._sent:
+            return
+        self._sent = self._log.latest[0]
+        self.trainer.log(dict(self._log.latest[1]))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self._log is not None:
+            self._log.remove()
+            self._log = None
