@@ -4,6 +4,7 @@ studies that reach the Neumann phase."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -42,7 +43,7 @@ def test_unwritable_out_is_one_line_and_exit_2(where, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--quick", "--out", str(out), "--no-progress"])
     assert e.value.code == 2
-    assert _one_line_error(capsys).startswith("neumann-repro: error: --out")
+    assert _one_line_error(capsys).startswith("neumann-repro compare: error: --out")
 
 
 @pytest.mark.parametrize("where", ["dir", "proc"])
@@ -51,7 +52,7 @@ def test_unwritable_report_is_one_line_and_exit_2(where, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--results", str(ROOT / "docs" / "results"), "--report", str(report)])
     assert e.value.code == 2
-    assert _one_line_error(capsys).startswith("neumann-repro: error: --report")
+    assert _one_line_error(capsys).startswith("neumann-repro report: error: --report")
 
 
 def test_report_without_results_says_so_and_creates_nothing(tmp_path, capsys, monkeypatch):
@@ -92,6 +93,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 130, err.decode()[-2000:]
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err.decode()
+    assert str(tmp_path / "cache") in lines[0] and "OUT/" not in lines[0]  # the real path
     assert all(p.stat().st_size > 0 for p in (tmp_path / "cache").glob("*.json"))  # the cache is intact
 
 
@@ -102,6 +104,78 @@ def test_every_study_has_its_own_help(capsys):
         assert e.value.code == 0
         out = " ".join(capsys.readouterr().out.split())
         assert " ".join(STUDY_HELP[name].split())[:60] in out
+
+
+def test_help_is_plain_text_with_only_the_options_a_study_reads(capsys):
+    texts = {}
+    for name in [None, *_studies(), "all", "report"]:
+        with pytest.raises(SystemExit):
+            main([name, "--help"] if name else ["--help"])
+        texts[name] = capsys.readouterr().out
+    for name, text in texts.items():
+        assert "``" not in text and ":func:" not in text and "issue" not in text.lower(), name
+    for name in _studies():
+        assert "--task" in texts[name] and "--jobs" in texts[name] and "--report" not in texts[name], name
+        assert "min on one core" in " ".join(texts[name].split()), name  # how long a full run takes
+    assert "--report" in texts["all"] and "--report" in texts["report"]
+    assert "--task" not in texts["report"] and "--jobs" not in texts["report"]
+
+
+def test_a_studys_error_shows_its_own_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["batch-scaling", "--jobs", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: neumann-repro batch-scaling" in err and "--jobs must be at least 1" in err
+
+
+def test_jobs_default_to_the_cores():
+    from neumann_optimizer.repro.__main__ import _parser
+
+    _, subs = _parser(_studies())
+    assert subs["compare"].parse_args([]).jobs == (os.cpu_count() or 1)
+
+
+def _seeds_quick(out: Path, results: Path, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "neumann_optimizer.repro", "seeds", "--quick", "--jobs", "1"]
+    cmd += ["--out", str(out), "--results", str(results), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_a_damaged_cache_entry_is_named_and_trained_again(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    proc = _seeds_quick(out, results)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    files = sorted((out / "cache").glob("*.json"))
+    assert len(files) >= 2
+    damaged = files[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # what a crash or a full disk leaves
+    (out / "seeds" / "table.md").unlink()
+    proc = _seeds_quick(out, results)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(damaged) in lines[0] and "training it again" in lines[0]
+    assert "Traceback" not in err.decode()
+    assert json.loads(damaged.read_text())["history"]  # replaced by a finished run
+    assert (out / "seeds" / "table.md").is_file()
+
+
+def test_kill_9_in_the_middle_then_rerun_completes(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    proc = _seeds_quick(out, results, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((out / "cache").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was half done stays
+    proc.communicate(timeout=60)
+    proc = _seeds_quick(out, results)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
+    assert (out / "seeds" / "table.md").is_file()
+    assert all(json.loads(p.read_text())["history"] for p in (out / "cache").glob("*.json"))
 
 
 def _load(d: str) -> int:

@@ -1,7 +1,9 @@
-"""``neumann-repro STUDY [--quick] [--out DIR] [--results DIR] [--jobs N] [--schedule cosine|paper] ...``.
+"""neumann-repro: the reproduction studies of the Neumann optimizer on MNIST-1D.
 
-Full studies (no ``--quick``, no ``--epochs``) write their runs to ``--results`` (``docs/results/``);
-``report`` turns those files into docs/REPRODUCTION.md and its plots without training.
+Run one study (e.g. 'neumann-repro compare --quick'), or 'all'. Full studies (without --quick or
+--epochs) write their runs to --results (docs/results/); 'report' turns those files into
+docs/REPRODUCTION.md and its plots without training. Every finished run is cached under
+--out/cache, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def _studies() -> dict:
     from .regularizers import regularizers
 
     return {**STUDIES, "curvature": curvature, "regularizers": regularizers}
+
+
+def _full_cost(name: str) -> str:
+    minutes = FULL_COST_CORE_MINUTES.get(name)
+    if minutes is None:
+        return ""
+    return (
+        f" A full run trains for about {minutes} min on one core (about {max(1, round(minutes / 2))} min with "
+        "--jobs 2); nothing is trained where docs/results already holds the runs."
+    )
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -62,6 +74,16 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--data-dir is only read with --task cifar10")
 
 
+# core-minutes of training in the committed full results (docs/results/*.json, the runs' own clocks)
+FULL_COST_CORE_MINUTES = {
+    "compare": 43,
+    "seeds": 1,
+    "ablation": 11,
+    "batch-scaling": 130,
+    "curvature": 2,
+    "regularizers": 184,
+}
+
 STUDY_HELP = {
     "compare": "Table 2: Neumann vs SGD+Nesterov, Adam, RMSprop (and adaptive mu) at batch 128, each tuned "
     "by the tuning protocol, on the MNIST-1D 4k and 36k sets (quick: the 4k set, 20 epochs, 1 seed).",
@@ -73,10 +95,10 @@ STUDY_HELP = {
     "seeds": "Appendix C: the spread of final errors over 10 seeds for Neumann and SGD (quick: 2 seeds).",
     "curvature": "Figure 4: Lanczos estimates of the mini-batch Hessian's extreme eigenvalues along a Neumann run "
     "(CNN on MNIST-1D 4k; quick: 6 epochs with a 1-epoch burn-in).",
-    "regularizers": "The late loss (issue 14): final vs best test error along the run for the paper's regularizers "
+    "regularizers": "The late loss: final vs best test error along the run for the paper's regularizers "
     "and variants, cosine and the paper's schedule, batch 128 and 1,024, MNIST-1D 4k and 36k, width 256 and 1,024 "
     "(quick: 4k set, batch 128, 12 epochs, both schedules).",
-    "all": "Every study in turn, then the report (about 4 hours with --jobs 2; resumable).",
+    "all": "Every study in turn, then the report (about 3 hours with two cores; resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
 
@@ -103,64 +125,94 @@ def _check_writable(p: argparse.ArgumentParser, flag: str, path: Path, is_dir: b
         p.error(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
-def _parser(studies: dict) -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quick", action="store_true", help="a minute-scale version of the study")
-    common.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default: runs/)")
-    common.add_argument(
+def _parser(studies: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one subparser per study, each with only the options it reads."""
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--out", type=Path, default=Path("runs"), help="output directory and run cache (default: runs/)")
+    where.add_argument(
         "--results",
         type=Path,
         default=Path("docs/results"),
         help="committed results of the full studies: read as a cache, written by full runs, read by 'report'",
     )
-    common.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
-    common.add_argument("--device", default="cpu", help="cpu or cuda")
-    common.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
-    common.add_argument("--task", default=None, help="override the 4k task (e.g. cifar10 with --data-dir)")
-    common.add_argument(
-        "--report",
-        type=Path,
-        default=Path("docs/REPRODUCTION.md"),
-        help="where 'all' and 'report' write the reproduction report",
-    )
-    common.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
-    common.add_argument(
+    which = argparse.ArgumentParser(add_help=False)  # which runs: what a study trains, what 'report' reads
+    which.add_argument("--quick", action="store_true", help="a minute-scale version of the study")
+    which.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
+    which.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default="cosine",
         help="learning-rate schedule of every run: cosine decay to 0 (default, the documented results), or the "
         "paper's (linear ramp over 5 epochs, then x0.3 every fifth of the budget); 'regularizers' sets its own",
     )
-    common.add_argument("--jobs", type=int, default=1, help="runs trained at once, one core each (default: 1)")
-    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train = argparse.ArgumentParser(add_help=False)
+    train.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
+    train.add_argument("--device", default="cpu", help="cpu or cuda")
+    cores = os.cpu_count() or 1
+    train.add_argument(
+        "--jobs", type=int, default=cores, help=f"runs trained at once, one core each (default: the {cores} cores)"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument(
+        "--task",
+        default=None,
+        help="replace the MNIST-1D set of every run (4k and 36k alike), e.g. cifar10 with --data-dir",
+    )
+    task.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
+    report = argparse.ArgumentParser(add_help=False)
+    report.add_argument(
+        "--report", type=Path, default=Path("docs/REPRODUCTION.md"), help="where the reproduction report is written"
+    )
     p = argparse.ArgumentParser(
         prog="neumann-repro",
         description=__doc__,
-        epilog="'neumann-repro STUDY --help' says what a study runs.",
+        epilog="'neumann-repro STUDY --help' says what a study runs and how long.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", title="studies")
+    subs = {}
     for name in [*studies, "all", "report"]:
-        sub.add_parser(name, parents=[common], help=STUDY_HELP[name], description=STUDY_HELP[name])
-    return p
+        parents = (
+            [where, which]
+            + ([train, task] if name != "report" else [])
+            + ([report] if name in ("all", "report") else [])
+        )
+        subs[name] = sub.add_parser(
+            name, parents=parents, help=STUDY_HELP[name], description=STUDY_HELP[name] + _full_cost(name)
+        )
+    return p, subs
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
+        cache = _INTERRUPT_CACHE[0] if _INTERRUPT_CACHE else "the --out directory's cache/"
         print(
-            "neumann-repro: interrupted; finished runs are kept in the cache (OUT/cache): "
+            f"neumann-repro: interrupted; finished runs are kept in the cache ({cache}): "
             "the same command resumes there",
             file=sys.stderr,
         )
         return 130
 
 
+_INTERRUPT_CACHE: list[str] = []  # the cache directory of the running command, for the Ctrl-C message
+
+
 def _main(argv: list[str] | None) -> int:
     studies = _studies()
-    p = _parser(studies)
-    args = p.parse_args(argv)
+    top, subs = _parser(studies)
+    args = top.parse_args(argv)
+    p = subs[args.study]  # errors show the study's own usage line
+    for name, default in (("seeds", None), ("device", "cpu"), ("jobs", 1), ("no_progress", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    for name in ("task", "data_dir"):
+        args.__dict__.setdefault(name, None)
+    args.__dict__.setdefault("report", Path("docs/REPRODUCTION.md"))
     _check(p, args)
+    _INTERRUPT_CACHE[:] = [str(args.out / "cache")]
     settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs, schedule=args.schedule)
     if args.task:
         settings.task4k = settings.task_large = args.task

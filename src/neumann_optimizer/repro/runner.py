@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -82,8 +83,9 @@ class Runner:
         for cfg in configs:
             key = config_key(cfg)
             path = self.cache_dir / f"{key}.json"
-            if path.exists():
-                results.append(json.loads(path.read_text()))
+            cached = _read_cached(path) if path.exists() else None
+            if cached is not None:
+                results.append(cached)
             elif key in known:
                 results.append(known[key])
             else:
@@ -114,6 +116,21 @@ class Runner:
                 store(i, path, run(cfg, self.data(cfg["task"]), self.device))
         bar.close()
         return [r for r in results if r is not None]
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached run, or ``None`` (with one line on stderr naming the file) where the file cannot be
+    read as one: what a crash, a full disk or a hand edit leaves behind. The run is then trained
+    again and the file replaced."""
+    try:
+        res = json.loads(path.read_text())
+        if not isinstance(res, dict) or not isinstance(res.get("config"), dict) or "history" not in res:
+            raise ValueError("not a finished run")
+        return res
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        reason = type(e).__name__ if not str(e) else f"{type(e).__name__}: {str(e)[:80]}"
+        print(f"neumann-repro: unreadable cached run {path} ({reason}); training it again", file=sys.stderr)
+        return None
 
 
 _DATA: dict[tuple[str, str, Path | None], Dataset] = {}
