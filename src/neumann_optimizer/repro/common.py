@@ -59,6 +59,18 @@ def _plt():
     return plt
 
 
+def epoch_axis(ax: Any) -> None:
+    """Whole-epoch ticks on an epoch axis (never 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def spread(n_seeds: int) -> str:
+    """How a table's errors are summarised: a mean and standard deviation needs two seeds."""
+    return "mean ± std" if n_seeds > 1 else "one seed, so no spread"
+
+
 def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..diagnostics import hessian_eigenvalues
 from ..optimizer import Neumann
-from .common import Settings, _plt, finish, save_figure
+from .common import Settings, _plt, epoch_axis, finish, save_figure
 from .runner import Runner
 from .train import _batch_loss, lr_factor
 
@@ -71,6 +71,8 @@ def render_curvature(payload: dict[str, Any], out_dir: Path) -> tuple[str, dict[
     axes[1].set_yscale("symlog", linthresh=0.01)
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set(title="lambda_min of the mini-batch Hessian", xlabel="epoch")
+    for ax in axes:
+        epoch_axis(ax)
     save_figure(fig, out_dir / "curvature.png")
     return "\n".join(lines) + "\n", {}
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
+from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, epoch_axis, finish, save_figure, spread
 from .runner import Runner, final, fmt, mean_curve, mean_std
 from .tuning import Protocol, summarize, tune
 
@@ -152,7 +152,8 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# regularizers: does Neumann keep its best quality to the end of the run?\n",
         "Every cell tuned by the tuning protocol (the wide cell: a 3-rate grid, no refinement), then "
-        f"{protocol.final_seeds} seeds at the chosen rate. 'final': test error (%) at the last epoch, mean ± std over "
+        f"{protocol.final_seeds} seeds at the chosen rate. 'final': test error (%) at the last epoch, "
+        f"{spread(protocol.final_seeds)} over "
         "those seeds; 'best (epoch)': the lowest mean test error along the run; 'late loss': final - best "
         "(what the end of training gave back); 'repulsive > |g|': fraction of regularized steps whose repulsive "
         "force beta/r^2 exceeded the mini-batch gradient norm, whole run / last 10% of steps; 'vs paper': the "
@@ -250,5 +251,6 @@ def _plot(rows: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], labe
         axes[0][j].set(title=cname, ylabel="test error % (mean of seeds)", ylim=(0.8 * best, 2.2 * best))
         axes[1][j].set(yscale="log", ylabel="||w - v|| (epoch mean, seed 0)")
         axes[2][j].set(yscale="log", ylabel="learning rate (end of epoch)", xlabel="epoch")
+        epoch_axis(axes[2][j])
     axes[0][0].legend(fontsize=6)
     save_figure(fig, out / "regularizers.png")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
+from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, epoch_axis, finish, save_figure, spread
 from .runner import Runner, by, epochs_to_reach, final, fmt, mean_curve, mean_std, plural
 from .tuning import Protocol, summarize, tune
 
@@ -95,7 +95,8 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
         "Learning rate tuned per optimizer by the tuning protocol (a "
         f"{protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, extended until the "
         f"chosen rate is inside the rates tried), then {plural(protocol.final_seeds, 'seed')} at the chosen rate; test "
-        "error (%) of those seeds, mean ± std. Cosine decay to 0, no warmup. 'epochs to target': first epoch "
+        f"error (%) of those seeds, {spread(protocol.final_seeds)}. Cosine decay to 0, no warmup. 'epochs to "
+        "target': first epoch "
         "whose mean test error is at or below the best baseline's final mean test error.\n",
     ]
     summary: dict[str, Any] = {}
@@ -111,21 +112,19 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
             row = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
             at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
             row["curve"] = mean_curve(at)
-            row["seconds"] = mean_std(r["seconds"] for r in at)[0]
             rows[opt] = row
         base = [rows[o]["test_mean"] for o in rows if o in BASELINES]
         target = min(base) if base else math.nan
         lines += [
             f"\n## {name}: {t['model']} on {t['task']}, batch {t['batch']}, {t['epochs']} epochs\n",
-            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target | "
-            "wall s per run (noisy) |",
-            "|---|---|---|---|---|---|---|",
+            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target |",
+            "|---|---|---|---|---|---|",
         ]
         for opt, row in rows.items():
             e = epochs_to_reach(row["curve"], target)
             lines.append(
                 f"| {LABELS[opt]} | {row['lr']:g} | {_lr_range(row['tried'])} | {'yes' if row['interior'] else 'NO'} | "
-                f"{fmt(row['test_mean'], row['test_std'])} | {e if e else '—'} / {t['epochs']} | {row['seconds']:.1f} |"
+                f"{fmt(row['test_mean'], row['test_std'])} | {e if e else '—'} / {t['epochs']} |"
             )
             ax.plot(range(1, len(row["curve"]) + 1), row["curve"], label=f"{LABELS[opt]} (lr {row['lr']:g})")
             summary[f"{name}/{opt}"] = dict(
@@ -137,12 +136,12 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
                 epochs_to_target=e,
             )
         lines.append(
-            f"\nTarget (best baseline final mean): {target:.2f}%. Wall-clock seconds per run on a shared 2-core "
-            "machine swing up to 4x between identical runs: orders of magnitude, not a speed comparison "
-            "(docs/PERFORMANCE.md has the benchmarks).\n"
+            f"\nTarget (best baseline final mean): {target:.2f}%. Speed is not compared here: the runs share a "
+            "2-core machine, so their wall-clock times vary several-fold; docs/PERFORMANCE.md has the benchmarks.\n"
         )
-        ax.axhline(target, color="gray", ls=":", lw=1)
+        ax.axhline(target, color="gray", ls=":", lw=1, label=f"target: best baseline's final ({target:.2f}%)")
         ax.set(title=f"compare: {t['model']} on {t['task']}", xlabel="epoch", ylabel="test error (%)")
+        epoch_axis(ax)
         ax.set_ylim(0, min(100, 2.5 * max(target, 5)))
         ax.legend(fontsize=7)
     save_figure(fig, out_dir / "test_error.png")
@@ -224,7 +223,7 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         f"by the same protocol: {protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, "
         f"grid extended until the chosen rate is inside it, then {plural(protocol.final_seeds, 'seed')} at the chosen "
         "rate. "
-        "Test error (%) of those seeds, mean ± std (tuned lr).\n",
+        f"Test error (%) of those seeds, {spread(protocol.final_seeds)} (tuned lr).\n",
         "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
     ]
@@ -359,6 +358,7 @@ def render_ablation(payload: Payload, out_dir: Path) -> Rendered:
             ylabel="test error (%)",
             ylim=(0, min(100, 2.5 * max(finals, default=40))),
         )
+        epoch_axis(ax)
         ax.legend(fontsize=7)
     save_figure(fig, out_dir / "ablation.png")
     return "\n".join(lines) + "\n", summary
@@ -410,7 +410,7 @@ def render_seeds(payload: Payload, out_dir: Path) -> Rendered:
         "# seeds: spread over seeds (paper Appendix C)\n",
         f"{meta['task']}, {meta['model']}, batch 128, {meta['epochs']} epochs, {n} seeds, lr {meta['lrs']} "
         f"({meta['lr_source']}).\n",
-        "| optimizer | final test errors % | mean ± std | min | max |",
+        f"| optimizer | final test errors % | {spread(n)} | min | max |",
         "|---|---|---|---|---|",
     ]
     summary: dict[str, Any] = {}
