@@ -89,6 +89,7 @@ def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
         "    w.grad = 2 * w.detach()\n"
         "    opt.step()\n"
         "assert opt.param_groups[0]['step'] == 4\n"
+        f"assert n.__version__ == {meta['Version']!r}, n.__version__\n"
         "print('OK', n.__version__)\n"
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
@@ -116,6 +117,7 @@ def test_neumann_optax_wheel_installs_without_torch(tmp_path):
         "    u, s = tx.update({'w': 2 * p['w']}, s, p)\n"
         "    p = optax.apply_updates(p, u)\n"
         "assert int(s.count) == 7 and 'torch' not in sys.modules\n"
+        f"assert neumann_optax.__version__ == {meta['Version']!r}, neumann_optax.__version__\n"
         "print('OK')\n"
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)

@@ -1,5 +1,7 @@
 """The Neumann optimizer (Krishnan, Xiao & Saurous, arXiv:1712.03298) for PyTorch."""
 
+from importlib import metadata as _metadata
+
 import torch
 
 from .idealized import neumann_outer_step
@@ -7,7 +9,10 @@ from .optimizer import Neumann
 
 __all__ = ["Neumann", "__version__", "eval_state_dict", "neumann_outer_step"]
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml), never a second copy of it
+    __version__ = _metadata.version("neumann-optimizer")
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+    __version__ = "0+unknown"
 
 
 def eval_state_dict(model: torch.nn.Module, optimizer: Neumann) -> dict[str, torch.Tensor]:
