@@ -10,7 +10,7 @@ x, y = torch.tensor(data["x"], dtype=torch.float32), torch.tensor(data["y"])
 xt, yt = torch.tensor(data["x_test"], dtype=torch.float32), torch.tensor(data["y_test"])
 model = torch.nn.Sequential(torch.nn.Linear(40, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
 loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=100, shuffle=True)
-opt = Neumann(model.parameters(), lr=0.05, steps_per_epoch=len(loader))  # paper defaults
+opt = Neumann(model.parameters(), lr=0.05, steps_per_epoch=len(loader))  # defaults; paper: repulsive_weight=1e-5
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=60 * len(loader))
 for _ in range(60):
     for xb, yb in loader:

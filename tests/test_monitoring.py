@@ -274,3 +274,23 @@ def test_hf_trainer_log_callback_reaches_log_history_and_tensorboard(tmp_path):
     (logdir,) = (tmp_path / "runs").iterdir()
     sc = _scalars(logdir)
     assert [v for _, v in sc["train/neumann/momentum"]] == pytest.approx([ramp_mu(5), ramp_mu(10)])
+
+
+def test_the_watch_example_logs_and_draws(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("mnist1d")
+    root = Path(__file__).resolve().parent.parent
+    png = tmp_path / "curves.png"
+    cmd = [sys.executable, str(root / "examples" / "watch_training.py"), "--epochs", "7", "--out", str(tmp_path)]
+    res = subprocess.run([*cmd, "--png", str(png)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert png.stat().st_size > 10_000 and "Warning" not in res.stderr
+    for run in ("default", "paper"):
+        sc = _scalars(tmp_path / run)
+        assert {"neumann/momentum", "neumann/distance", "neumann/repulsive_to_grad", "test_accuracy"} <= set(sc)
+    assert max(v for _, v in _scalars(tmp_path / "paper")["neumann/repulsive_to_grad"]) > 0
+    assert max(v for _, v in _scalars(tmp_path / "default")["neumann/repulsive_to_grad"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "default", "paper"]  # nothing stray

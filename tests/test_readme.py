@@ -74,6 +74,7 @@ def test_readme_lightning_snippet_trains_and_exports_evaluation_weights(tmp_path
 
     scope, printed = _run_block(_integration_blocks()[0], tmp_path, monkeypatch)
     assert _accuracy(printed) > 0.8  # chance is about 0.6
+    assert [p.name for p in tmp_path.iterdir()] == ["classifier.pt"]  # no stray checkpoints/ or logs
     opt = scope["trainer"].optimizers[0]
     assert not opt.training and opt.param_groups[0]["last_momentum"] > 0
     saved = torch.load(tmp_path / "classifier.pt", weights_only=True)
