@@ -95,9 +95,12 @@ class Neumann(EvaluationWeights, Optimizer):
         reset_growth: factor by which the reset interval grows after every reset (2: doubling).
         momentum: ``(mu_min, mu_max)``, the paper's ramp (equal values give a constant momentum),
             or one number ``mu``: a constant momentum for the Neumann phase (burn-in stays plain
-            SGD). A scheduler that writes ``param_group["momentum"]`` (``OneCycleLR`` and
-            ``CyclicLR`` with ``cycle_momentum=True``) thereby sets the ``mu`` of the next step;
-            ``param_group["last_momentum"]`` reports the ``mu`` the last step used.
+            SGD). Kept in ``param_group["momentum_bounds"]`` as a pair. ``param_group["momentum"]``
+            is a float, as momentum monitors (Lightning's ``LearningRateMonitor``) expect: the
+            ``mu`` the last step used (0.0 before the first step and during burn-in; also in
+            ``param_group["last_momentum"]``). A scheduler that writes ``param_group["momentum"]``
+            (``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum=True``) thereby sets the ``mu``
+            of the next step, and from its first write on the group follows it, not the ramp.
         momentum_ramp_steps: ``tau`` of the momentum ramp (unused with a constant momentum).
         cubic_weight: ``alpha``, weight of the cubic regularizer ``alpha/3 ||w - v||^3``.
         repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``. Default 0

@@ -17,19 +17,19 @@ number of scalars in the tree. Every branch is a ``jnp.where`` on the step count
 state, so one ``jax.jit`` compilation serves burn-in, resets and the regularized steps.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: ``learning_rate`` is annotated with the object
+# ``optax.ScalarOrSchedule`` itself, which is how optax's generic contrib suite (and its users'
+# tooling) recognise that an optimizer accepts a schedule.
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["NeumannState", "evaluation_params", "neumann"]
-
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class NeumannState(NamedTuple):
@@ -79,10 +79,25 @@ def _resolve(name: str, given: Any, epochs: int, steps_per_epoch: Any) -> Any:
     return epochs * steps_per_epoch
 
 
+def _check_learning_rate(lr: Any) -> None:
+    """A number, a one-element array or a schedule (a callable); a number or a concrete array must
+    be finite and >= 0. Tracers (``optax.inject_hyperparams`` under ``jax.jit``) pass unchecked."""
+    if callable(lr) or isinstance(lr, jax.core.Tracer):
+        return
+    value = lr
+    if isinstance(lr, (jax.Array, np.ndarray, np.generic)) and not isinstance(lr, np.bool_):
+        if np.size(lr) != 1 or not jnp.issubdtype(lr.dtype, jnp.number) or jnp.iscomplexobj(lr):
+            value = lr  # reported as given below
+        else:
+            value = float(np.asarray(lr).reshape(()))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        # the PyTorch class's message, with this front end's name for the argument
+        raise ValueError(f"neumann_optax: learning_rate must be a finite number >= 0.0, got {lr!r}")
+
+
 def _validate(kw: dict[str, Any]) -> None:
-    lr = kw["learning_rate"]
-    if not callable(lr):
-        _check_float("learning_rate", lr, 0.0)
+    _check_learning_rate(kw["learning_rate"])
     _check_int("burn_in_steps", kw["burn_in_steps"], 0)
     _check_int("reset_steps", kw["reset_steps"], 1)
     _check_float("reset_growth", kw["reset_growth"], 0.0, open_low=True)
@@ -113,7 +128,7 @@ def _validate(kw: dict[str, Any]) -> None:
 
 
 def neumann(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     steps_per_epoch: int | None = None,
     burn_in_steps: int | None = None,
@@ -126,7 +141,7 @@ def neumann(
     ema_decay: float = 0.99,
     weight_decay: float = 0.0,
     regularizer_schedule: str | float = "constant",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """The Neumann optimizer (Krishnan, Xiao & Saurous, 2017, Algorithm 2), as in the PyTorch class
     ``neumann_optimizer.Neumann`` (same arguments, defaults and trajectories).
 
@@ -189,8 +204,9 @@ def neumann(
         )
 
     def update_fn(
-        updates: optax.Updates, state: NeumannState, params: optax.Params | None = None
+        updates: optax.Updates, state: NeumannState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, NeumannState]:
+        del extra_args  # what other transformations of a chain need (value=, ...): not used here
         if params is None:
             raise ValueError("neumann_optax.neumann needs the parameters: call update(grads, state, params)")
         f = _float()
@@ -263,7 +279,7 @@ def neumann(
         )
         return deltas, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _float() -> Any:
