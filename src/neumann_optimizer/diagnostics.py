@@ -1,4 +1,5 @@
-"""Curvature diagnostics (SPEC section 5, the paper's Appendix A and Figure 4).
+"""Curvature diagnostics (SPEC section 5, the paper's Appendix A and Figure 4), and the gradient
+noise scale (``neumann_optimizer.noise_scale``, re-exported here).
 
 :func:`hessian_eigenvalues` runs the Lanczos iteration on the Hessian of a scalar loss with
 respect to a list of parameters, using Hessian-vector products by double backward, with full
@@ -19,7 +20,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AdaptiveMomentum", "HessianSpectrum", "hessian_eigenvalues", "lanczos", "momentum_from_curvature"]
+from .noise_scale import NoiseScale, NoiseScaleAccumulator, gradient_noise_scale, register_ddp_noise_scale_hook
+
+__all__ = [
+    "AdaptiveMomentum",
+    "HessianSpectrum",
+    "NoiseScale",
+    "NoiseScaleAccumulator",
+    "gradient_noise_scale",
+    "hessian_eigenvalues",
+    "lanczos",
+    "momentum_from_curvature",
+    "register_ddp_noise_scale_hook",
+]
 
 
 class HessianSpectrum(NamedTuple):
