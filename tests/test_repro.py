@@ -102,7 +102,7 @@ def test_committed_results_are_a_cache_and_the_report_renders_them_without_train
     shutil.rmtree(out)  # a fresh clone: no run cache, only the committed results
     _no_training(monkeypatch)
     report = tmp_path / "docs" / "REPRODUCTION.md"
-    main(["report", "--results", str(results), "--out", str(out), "--report", str(report), "--no-progress"])
+    main(["report", "--results", str(results), "--out", str(out), "--report", str(report)])
     text = report.read_text()
     assert "## compare (Table 2)" in text and "Verdict (rule-based):** mlp-4k: Neumann" in text
     assert "Tuning protocol" in text and "Not run yet" in text  # other studies have no results here

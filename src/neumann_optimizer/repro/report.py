@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import Payload, Rendered, Settings
+from .critical_batch import render_critical_batch
 from .curvature import render_curvature
 from .regularizers import render_regularizers
 from .studies import BASELINES, LABELS, render_ablation, render_batch_scaling, render_compare, render_seeds
@@ -30,6 +31,7 @@ def renderers() -> dict[str, Callable[[Payload, Path], Rendered]]:
         "seeds": render_seeds,
         "curvature": render_curvature,
         "regularizers": render_regularizers,
+        "critical-batch": render_critical_batch,
     }
 
 
@@ -55,6 +57,12 @@ CLAIMS = {
         "Section 3.2, Table 1",
         "The repulsive term keeps the iterate away from the moving average and starts to dominate when the "
         "learning rate becomes small; the paper's constant alpha and beta are used throughout training.",
+    ),
+    "critical-batch": (
+        "Section 1 (the central hypothesis), Table 3",
+        "The optimizer 'is able to efficiently use large batches': in steps to a target, perfect scaling should "
+        "reach larger batches than with momentum SGD (and, by Zhang et al. 2019's noisy quadratic model, as with "
+        "other preconditioned methods).",
     ),
 }
 
@@ -177,6 +185,18 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
             late = [summ[f"{c}/{chosen}"]["late_loss"] for c in cells if f"{c}/{chosen}" in summ]
             out += f"; the default chosen by the rule ({chosen}) at most {max(late):+.2f}"
         return out + ": **the late loss is the paper's repulsive term**" if chosen == "no-repulsive" else out
+    if study == "critical-batch":
+        neu, parts = summ.get("neumann-default"), []
+        if not neu:
+            return "no results"
+        for base in ("sgd", "lars"):
+            other = summ.get(base)
+            if other:
+                a, b = neu["critical"], other["critical"]
+                word = "beyond" if (a or 0) > (b or 0) else ("the same as" if a == b else "short of")
+                parts.append(f"Neumann's critical batch {a} vs {LABELS[base]}'s {b}: perfect scaling reaches {word}")
+        extends = all((neu["critical"] or 0) > (summ[o]["critical"] or 0) for o in ("sgd", "lars") if o in summ)
+        return "; ".join(parts) + f": **{'reproduced' if extends else 'not reproduced'}**"
     return "see the table"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -55,6 +56,20 @@ class Runner:
         self.data_dir = data_dir
         self.progress = progress
         self.cache_dir = self.out / "cache"  # created by the first run that stores a result
+        self._pool: ProcessPoolExecutor | None = None  # worker processes, kept across rounds
+
+    def close(self) -> None:
+        """Shut the worker processes down (a study's many small rounds reuse them until then)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked thread pools
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_worker_init)
+            atexit.register(self.close)
+        return self._pool
 
     def data(self, task: str) -> Dataset:
         return _dataset(task, str(self.out / "data"), self.data_dir)
@@ -103,14 +118,17 @@ class Runner:
             bar.update(1)
 
         if self.jobs > 1 and len(todo) > 1:
-            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked thread pools
-            with ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_worker_init) as pool:
-                futures = {
-                    pool.submit(_run_in_worker, cfg, str(self.out / "data"), self.data_dir, str(self.device)): (i, p)
-                    for i, cfg, p in todo
-                }
+            pool = self._workers()
+            futures = {
+                pool.submit(_run_in_worker, cfg, str(self.out / "data"), self.data_dir, str(self.device)): (i, p)
+                for i, cfg, p in todo
+            }
+            try:
                 for fut in as_completed(futures):
                     store(*futures[fut], fut.result())
+            except BaseException:  # Ctrl-C or a failed run: no worker goes on training
+                self.close()
+                raise
         else:
             for i, cfg, path in todo:
                 store(i, path, run(cfg, self.data(cfg["task"]), self.device))

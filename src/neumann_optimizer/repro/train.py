@@ -161,13 +161,107 @@ def _batch_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
-    """Train one config; return the config, per-epoch metrics and a divergence flag."""
+    """Train one config; return the config, per-epoch metrics (per evaluation point for a config
+    with a ``steps`` budget) and a divergence flag."""
     with warnings.catch_warnings():
         # a diverging Neumann run skips every step from then on, each with a warning; the run
         # is recorded as diverged at the end of that epoch, so the warnings say nothing more
         warnings.filterwarnings("ignore", message="Neumann: non-finite gradient", category=RuntimeWarning)
         warnings.filterwarnings("ignore", category=DivergedWarning)
-        return _run(cfg, data, device)
+        return _run_steps(cfg, data, device) if "steps" in cfg else _run(cfg, data, device)
+
+
+NOISE_SMALL, NOISE_LARGE, NOISE_REPEATS = 32, 2048, 8  # batch sizes of the noise-scale probes
+
+
+def _sq_grad_norm(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
+
+
+def _noise_probe(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[float, float]:
+    """(tr(Sigma), |G|^2) at the current weights, McCandlish et al.'s unbiased estimators from
+    ``NOISE_REPEATS`` small and one large random batch of the training set."""
+    from ..noise_scale import gradient_noise_scale
+
+    small = statistics.fmean(
+        _sq_grad_norm(model, *(t[idx] for t in (x, y)))
+        for idx in (torch.randint(len(x), (NOISE_SMALL,), generator=gen) for _ in range(NOISE_REPEATS))
+    )
+    idx = torch.randperm(len(x), generator=gen)[:NOISE_LARGE]
+    large = _sq_grad_norm(model, x[idx], y[idx])
+    est = gradient_noise_scale(small, large, NOISE_SMALL, min(NOISE_LARGE, len(x)))
+    model.zero_grad(set_to_none=True)
+    return est.trace_sigma, est.grad_sq_norm
+
+
+def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
+    """A run with a budget of ``cfg["steps"]`` optimizer steps (critical-batch study): the learning
+    rate warms up linearly over ``warmup_frac`` of the budget (baselines; Neumann's burn-in is its
+    own) and decays to 0 by cosine at the budget's end; validation and test errors are taken at
+    ``evals`` evenly spaced points (Neumann at its evaluation weights). With ``noise_scale``, each
+    point also estimates tr(Sigma) and |G|^2 at the training weights (``_noise_probe``)."""
+    torch.manual_seed(cfg["seed"])
+    model = make_model(cfg["model"], data, cfg.get("width")).to(device)
+    n = len(data.x_train)
+    batch = cfg["batch"]
+    steps_per_epoch = max(1, n // batch)
+    total = int(cfg["steps"])
+    opt = make_optimizer(cfg, model, steps_per_epoch)
+    is_neumann = isinstance(opt, Neumann)
+    warmup = 0 if is_neumann else int(cfg.get("warmup_frac", 0.0) * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, total=total, warmup=warmup))
+    evals = max(1, int(cfg.get("evals", 16)))
+    points = sorted({max(1, round(total * k / evals)) for k in range(1, evals + 1)})
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    probe_gen = torch.Generator().manual_seed(10_000 + cfg["seed"])
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    history: list[dict[str, float]] = []
+    diverged = False
+    t0 = time.perf_counter()
+    step, loss_sum, seen = 0, 0.0, 0
+    perm = torch.randperm(n, generator=gen).to(device)
+    k = 0
+    model.train()
+    while step < total and not diverged:
+        if (k + 1) * batch > n:  # a new epoch: a new permutation (the last partial batch dropped)
+            perm, k = torch.randperm(n, generator=gen).to(device), 0
+        idx = perm[k * batch : (k + 1) * batch]
+        k += 1
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        loss_sum, seen = loss_sum + loss.item(), seen + 1
+        if step not in points:
+            continue
+        train_loss, loss_sum, seen = loss_sum / seen, 0.0, 0
+        entry: dict[str, Any] = dict(step=step, train_loss=train_loss)
+        if cfg.get("noise_scale"):
+            entry["trace_sigma"], entry["grad_sq"] = _noise_probe(model, x_train, y_train, probe_gen)
+        if is_neumann:
+            opt.eval()  # type: ignore[attr-defined]
+        entry["val_loss"], entry["val_error"] = evaluate(model, data.x_val, data.y_val, device)
+        entry["test_loss"], entry["test_error"] = evaluate(model, data.x_test, data.y_test, device)
+        if is_neumann:
+            opt.train()  # type: ignore[attr-defined]
+        diverged = not (math.isfinite(train_loss) and math.isfinite(entry["val_loss"]))
+        history.append(entry)
+    out: dict[str, Any] = dict(
+        config=cfg,
+        history=history,
+        diverged=diverged,
+        seconds=time.perf_counter() - t0,
+        train_size=n,
+        steps_per_epoch=steps_per_epoch,
+        steps=step,
+    )
+    if is_neumann:
+        out["neumann_steps"] = max(0, step - opt.param_groups[0]["burn_in_steps"])
+    return out
 
 
 def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:

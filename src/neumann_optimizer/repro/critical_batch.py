@@ -1,0 +1,366 @@
+"""Steps to a target versus batch size, every point tuned (Shallue et al. 2019), with the gradient
+noise scale (McCandlish et al. 2018) as the predictor of where scaling ends.
+
+For each optimizer and batch size (a *cell*), a search over a geometric ladder of step budgets
+(powers of 2). At each budget the learning rate is tuned on the 1-3-10 grid of the tuning
+protocol (seed 0; the chosen rate is the one whose run first reaches the target, else the lowest
+final validation error; the grid is extended while the choice is on its edge), then the chosen rate
+is trained with a second seed. The budget *reaches* the target when the mean validation-error curve
+of the two seeds goes at or below it. The search walks up the ladder until a budget reaches, and
+down until one does not: a cell's result is its smallest reaching budget and, within it, the first
+evaluation step at which the two-seed mean is at or below the target (its steps-to-target). Every
+budget decays the learning rate to 0 by cosine at its end. :func:`cell_result` recomputes all of
+it from the runs, so the report needs no training.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, finish, save_figure
+from .runner import CHANCE_ERROR, Runner, plural
+from .studies import BATCH_VARIANTS, LABELS
+from .tuning import lr_at, lr_index
+
+VARIANTS = ["neumann-default", "neumann", "sgd", "adamw", "lars", "lamb"]
+FULL = dict(
+    task="mnist1d-36k",
+    batches=[16, 64, 256, 1024, 2048, 4096],
+    target=8.0,  # % validation error
+    first_budget=2**6,  # the ladder: first_budget * 2^k up to max_budget
+    max_budget=2**17,
+    start_examples=150_000,  # each search starts at the rung nearest start_examples / batch (about 4 epochs)
+)
+QUICK = dict(
+    task="mnist1d-4k", batches=[32, 256], target=50.0, first_budget=2**7, max_budget=2**10, start_examples=30_000
+)
+SEEDS = 2  # seed 0 tunes, seeds 0 and 1 make the mean curve
+WARMUP_FRAC = 0.05  # baselines' linear warmup, a share of each budget
+EVALS = 16  # evaluation points per run
+MAX_EXTENSIONS = 4  # learning-rate grid extensions per budget
+
+
+def _first_hit(curve: list[tuple[int, float]], target: float) -> int | None:
+    for step, err in curve:
+        if err <= target:
+            return step
+    return None
+
+
+def _curve(run: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, validation error) of a run; a diverged run counts as chance from where it stopped."""
+    pts = [(h["step"], h["val_error"] if math.isfinite(h["val_error"]) else CHANCE_ERROR) for h in run["history"]]
+    if run["diverged"] or not pts:
+        pts.append((run["config"]["steps"], CHANCE_ERROR))
+    return pts
+
+
+def _score(run: dict[str, Any], target: float) -> tuple[float, float]:
+    """How a seed-0 run ranks its learning rate: first step at the target (inf if never), then the
+    final validation error."""
+    curve = _curve(run)
+    hit = _first_hit(curve, target)
+    return (hit if hit is not None else math.inf, curve[-1][1])
+
+
+@dataclass
+class Budget:
+    """One budget of a cell: the learning rates tried, the choice, and the two-seed outcome."""
+
+    steps: int
+    scores: dict[float, tuple[float, float]]
+    lr: float
+    interior: bool
+    mean_curve: list[tuple[int, float]] | None = None  # None until the second seed ran
+    first_hit: int | None = None
+
+    @property
+    def reached(self) -> bool:
+        return self.first_hit is not None
+
+
+def budget_result(runs: list[dict[str, Any]], target: float) -> Budget:
+    """The choice at one budget from its runs (pure)."""
+    steps = runs[0]["config"]["steps"]
+    scores = {float(r["config"]["lr"]): _score(r, target) for r in runs if r["config"]["seed"] == 0}
+    best = min(scores, key=lambda lr: (*scores[lr], lr))
+    lrs = sorted(scores)
+    b = Budget(steps, scores, best, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
+    at = [r for r in runs if float(r["config"]["lr"]) == best and r["config"]["seed"] < SEEDS]
+    if len({r["config"]["seed"] for r in at}) == SEEDS:
+        curves = [dict(_curve(r)) for r in at]
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        b.mean_curve = [(s, statistics.fmean(c[s] for c in curves)) for s in common]
+        b.first_hit = _first_hit(b.mean_curve, target)
+    return b
+
+
+@dataclass
+class CellResult:
+    budgets: dict[int, Budget] = field(default_factory=dict)
+
+    @property
+    def smallest(self) -> Budget | None:
+        """The smallest budget whose tuned two-seed mean reaches the target."""
+        reached = [b for s, b in sorted(self.budgets.items()) if b.reached]
+        return reached[0] if reached else None
+
+    def verified(self, first_budget: int) -> bool:
+        """The budget below the smallest reaching one was tried and did not reach (or there is none)."""
+        s = self.smallest
+        if s is None:
+            return False
+        below = self.budgets.get(s.steps // 2)
+        return s.steps <= first_budget or (below is not None and below.mean_curve is not None and not below.reached)
+
+
+def cell_result(runs: list[dict[str, Any]], target: float) -> CellResult:
+    by_budget: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_budget.setdefault(int(r["config"]["steps"]), []).append(r)
+    return CellResult({s: budget_result(rs, target) for s, rs in sorted(by_budget.items())})
+
+
+# ---------------------------------------------------------------- the search
+@dataclass
+class _Search:
+    """One cell's walk along the budget ladder (resumable: every decision is a function of runs)."""
+
+    name: str
+    base: dict[str, Any]
+    centre: float
+    budget: int
+    tried: dict[int, set[int]] = field(default_factory=dict)  # budget -> grid indices of lrs
+    extensions: dict[int, int] = field(default_factory=dict)
+    done: bool = False
+
+    def cfg(self, steps: int, lr: float, seed: int) -> dict[str, Any]:
+        return {**self.base, "steps": steps, "lr": lr, "seed": seed}
+
+
+def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configs this cell needs next (empty when it is done), advancing its state on the way."""
+    target, lo, hi = st["target"], st["first_budget"], st["max_budget"]
+    while not search.done:
+        steps = search.budget
+        if steps not in search.tried:
+            centre = search.centre
+            near = [s for s in search.tried if search.tried[s]]
+            if near:  # start from the choice at the nearest budget tried
+                nearest = min(near, key=lambda s: abs(math.log2(s / steps)))
+                centre = budget_result(runs[nearest], target).lr
+            i = lr_index(centre)
+            search.tried[steps] = {i - 1, i, i + 1}
+            search.extensions[steps] = 0
+        have = {(float(r["config"]["lr"]), r["config"]["seed"]) for r in runs.get(steps, [])}
+        need = [search.cfg(steps, lr_at(i), 0) for i in sorted(search.tried[steps]) if (lr_at(i), 0) not in have]
+        if need:
+            return need
+        b = budget_result(runs[steps], target)
+        if not b.interior and search.extensions[steps] < MAX_EXTENSIONS:
+            i, idx = lr_index(b.lr), search.tried[steps]
+            idx.add(i - 1 if i == min(idx) else i + 1)
+            search.extensions[steps] += 1
+            continue
+        need = [search.cfg(steps, b.lr, s) for s in range(SEEDS) if (b.lr, s) not in have]
+        if need:
+            return need
+        result = cell_result([r for rs in runs.values() for r in rs], target)
+        if b.reached:
+            below = result.budgets.get(steps // 2)
+            if steps <= lo or (below is not None and below.mean_curve is not None and not below.reached):
+                search.done = True
+            else:
+                search.budget = steps // 2
+        else:
+            above = result.budgets.get(steps * 2)
+            if steps >= hi or (above is not None and above.reached):
+                search.done = True
+            else:
+                search.budget = steps * 2
+    return []
+
+
+def start_budget(st: dict[str, Any], batch: int) -> int:
+    """The ladder rung nearest ``start_examples / batch`` steps (within the ladder)."""
+    k = round(math.log2(max(1.0, st["start_examples"] / batch / st["first_budget"])))
+    return min(st["max_budget"], st["first_budget"] * 2 ** max(0, k))
+
+
+def settings(s: Settings) -> dict[str, Any]:
+    st = dict(QUICK if s.quick else FULL)
+    if s.task4k != "mnist1d-4k" or s.task_large != "mnist1d-36k":  # --task replaces the data set
+        st["task"] = s.task_large if not s.quick else s.task4k
+    return st
+
+
+def critical_batch(runner: Runner, s: Settings) -> str:
+    st = settings(s)
+    searches = []
+    for name in VARIANTS:
+        v, centre = BATCH_VARIANTS[name]
+        for b in st["batches"]:
+            cfg = base_cfg(task=st["task"], model="mlp", batch=b, evals=EVALS, **v)
+            cfg.pop("warmup_epochs")  # budgets are in steps: the warmup is a share of the budget
+            if v["optimizer"] != "neumann":
+                cfg["warmup_frac"] = WARMUP_FRAC
+            elif s.quick:  # a 1-epoch burn-in: the quick budgets reach the Neumann phase
+                cfg["burn_in_epochs"] = 1
+            guess = centre * math.sqrt(b / 256)
+            searches.append(_Search(f"{name}/{b}", cfg, guess, start_budget(st, b)))
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {x.name: {} for x in searches}
+    while True:
+        plan = [(x, c) for x in searches for c in _plan(x, runs[x.name], st)]
+        if not plan:
+            break
+        for (x, c), res in zip(plan, runner.run_all([c for _, c in plan], "critical-batch"), strict=True):
+            runs[x.name].setdefault(int(c["steps"]), []).append({"cell": x.name, **res})
+    flat = [r for cell in runs.values() for per in cell.values() for r in per]
+    # the gradient noise scale along the tuned run of each optimizer at one batch size
+    probe_batch = st["batches"][len(st["batches"]) // 2]
+    probes: list[tuple[str, dict[str, Any]]] = []
+    for x in searches:
+        name, b = x.name.split("/")
+        res = cell_result([r for per in runs[x.name].values() for r in per], st["target"]).smallest
+        if int(b) == probe_batch and res is not None:
+            probes.append((name, {**x.base, "steps": res.steps, "lr": res.lr, "seed": 0, "noise_scale": True}))
+    for (name, _), res in zip(probes, runner.run_all([c for _, c in probes], "noise scale"), strict=True):
+        flat.append({"cell": f"noise/{name}", **res})
+    payload = dict(
+        study="critical-batch",
+        meta={
+            **st,
+            "variants": VARIANTS,
+            "seeds": SEEDS,
+            "warmup_frac": WARMUP_FRAC,
+            "evals": EVALS,
+            "probe_batch": probe_batch,
+            **({"neumann_burn_in_epochs": 1} if s.quick else {}),
+        },
+        runs=flat,
+    )
+    return finish(runner, s, payload, render_critical_batch)
+
+
+# ---------------------------------------------------------------- rendering
+def critical_batch_size(steps: dict[int, float]) -> int | None:
+    """The largest batch whose steps-to-target are at most twice the perfect-scaling prediction
+    from the smallest batch (S(B) <= 2 S(B0) B0 / B: at least 50% of the ideal speed-up), among
+    the batches up to the first that fails the rule."""
+    if not steps:
+        return None
+    b0 = min(steps)
+    crit = None
+    for b in sorted(steps):
+        if steps[b] <= 2 * steps[b0] * b0 / b:
+            crit = b
+        else:
+            break
+    return crit
+
+
+def noise_scale_at_target(run: dict[str, Any], target: float) -> float | None:
+    """B_simple = mean tr(Sigma) / mean |G|^2 over the evaluation points from the one where the
+    run's validation error first reaches the target (about where the noise scale predicts the
+    critical batch) to the end; None when the run never reaches it or |G|^2 averages <= 0."""
+    hist = [h for h in run["history"] if "trace_sigma" in h]
+    start = next((i for i, h in enumerate(hist) if h["val_error"] <= target), None)
+    if start is None:
+        return None
+    tail = hist[start:]
+    g2 = statistics.fmean(h["grad_sq"] for h in tail)
+    return statistics.fmean(h["trace_sigma"] for h in tail) / g2 if g2 > 0 else None
+
+
+def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
+    meta = payload["meta"]
+    target, batches = meta["target"], meta["batches"]
+    cells = _cells(payload["runs"])
+    train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
+    results: dict[str, dict[int, CellResult]] = {}
+    for name in meta["variants"]:
+        for b in batches:
+            if f"{name}/{b}" in cells:
+                results.setdefault(name, {})[b] = cell_result(cells[f"{name}/{b}"], target)
+    noise = {
+        name: noise_scale_at_target(cells[f"noise/{name}"][0], target)
+        for name in meta["variants"]
+        if f"noise/{name}" in cells
+    }
+    burn = meta.get("neumann_burn_in_epochs", 5)
+    lines = [
+        "# critical-batch: steps to a target versus batch size (Shallue et al. 2019)\n",
+        f"MLP on {meta['task']} ({train_size:,} training examples). Target: **{target:g}% validation error**. "
+        "Every point tuned: step budgets on a ladder of powers of 2, at each budget the learning rate tuned on the "
+        f"1-3-10 grid (seed 0), then {plural(meta['seeds'], 'seed')} at the chosen rate; a budget reaches the target "
+        "when the seeds' mean validation error does, at one of "
+        f"{meta['evals']} evaluation points. Steps-to-target: the first such point in the smallest reaching budget "
+        "(the budget below was tried and did not reach, where marked ✓). Every budget decays the rate to 0 by "
+        f"cosine; baselines warm up over its first {100 * meta['warmup_frac']:.0f}%. Neumann keeps the paper's "
+        f"epoch-denominated defaults ({plural(burn, 'epoch')} of burn-in, first reset after 10 epochs, a 1-epoch "
+        "momentum ramp), whose length in steps falls with the batch: "
+        + ", ".join(f"{burn * max(1, train_size // b):,} burn-in steps at batch {b}" for b in batches)
+        + ".\n",
+        "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " | critical batch |",
+        "|---|" + "---|" * (len(batches) + 1),
+    ]
+    summary: dict[str, Any] = {}
+    for name, per_b in results.items():
+        row, steps = [], {}
+        for b in batches:
+            r = per_b.get(b)
+            s = r.smallest if r else None
+            if s is None:
+                row.append("not reached" if r else "—")
+                continue
+            steps[b] = float(s.first_hit)  # type: ignore[arg-type]
+            mark = " ✓" if r.verified(meta["first_budget"]) else ""  # type: ignore[union-attr]
+            row.append(f"{s.first_hit:,} (budget {s.steps:,}, lr {s.lr:g}{'' if s.interior else ', edge'}){mark}")
+        crit = critical_batch_size(steps)
+        summary[name] = dict(steps={str(b): v for b, v in steps.items()}, critical=crit, noise_scale=noise.get(name))
+        lines.append(f"| {LABELS[name]} | " + " | ".join(row) + f" | {crit if crit else '—'} |")
+    lines += [
+        "\nCritical batch: the largest batch whose steps-to-target are at most twice the perfect-scaling "
+        "prediction from the smallest batch, S(B) <= 2 S(B0) B0 / B (at least half the ideal speed-up), "
+        "among the batches up to the first that fails.\n",
+        f"Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), measured along each "
+        f"optimizer's tuned run at batch {meta['probe_batch']} (seed 0) from the point it reaches the target to "
+        "its end (unbiased estimators from 8 batches of 32 and one of 2,048 at each evaluation point, numerator "
+        "and denominator averaged separately):\n",
+        "| optimizer | B_simple near the target |",
+        "|---|---|",
+    ]
+    for name in meta["variants"]:
+        v = noise.get(name)
+        lines.append(f"| {LABELS[name]} | {f'{v:,.0f}' if v else '—'} |")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for name, per_b in results.items():
+        bs = [b for b in batches if per_b.get(b) and per_b[b].smallest is not None]
+        ys = [per_b[b].smallest.first_hit for b in bs]  # type: ignore[union-attr]
+        if bs:
+            ax.plot(bs, ys, marker="o", label=LABELS[name], ls="-" if name.startswith("neumann") else "--")
+    ref = [(b, r.smallest.first_hit) for per in results.values() for b, r in per.items() if r.smallest]
+    if ref:
+        b0 = min(batches)
+        s0 = [s for b, s in ref if b == b0]
+        if s0:  # from the fastest optimizer at the smallest batch
+            ax.plot(batches, [min(s0) * b0 / b for b in batches], color="gray", lw=1, ls=":", label="perfect scaling")
+    vals = [v for v in noise.values() if v]
+    if vals:
+        ax.axvspan(min(vals), max(vals), color="tab:purple", alpha=0.12, label="B_simple near the target")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel=f"steps to {target:g}% validation error",
+        title=f"critical-batch: {meta['task']}, every point tuned",
+    )
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.legend(fontsize=7)
+    save_figure(fig, out_dir / "critical_batch.png")
+    return "\n".join(lines) + "\n", summary
