@@ -21,7 +21,6 @@ state, so one ``jax.jit`` compilation serves burn-in, resets and the regularized
 # ``optax.ScalarOrSchedule`` itself, which is how optax's generic contrib suite (and its users'
 # tooling) recognise that an optimizer accepts a schedule.
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax

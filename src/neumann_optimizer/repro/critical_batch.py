@@ -225,9 +225,9 @@ def critical_batch(runner: Runner, s: Settings) -> str:
     probes: list[tuple[str, dict[str, Any]]] = []
     for x in searches:
         name, b = x.name.split("/")
-        res = cell_result([r for per in runs[x.name].values() for r in per], st["target"]).smallest
-        if int(b) == probe_batch and res is not None:
-            probes.append((name, {**x.base, "steps": res.steps, "lr": res.lr, "seed": 0, "noise_scale": True}))
+        found = cell_result([r for per in runs[x.name].values() for r in per], st["target"]).smallest
+        if int(b) == probe_batch and found is not None:
+            probes.append((name, {**x.base, "steps": found.steps, "lr": found.lr, "seed": 0, "noise_scale": True}))
     for (name, _), res in zip(probes, runner.run_all([c for _, c in probes], "noise scale"), strict=True):
         flat.append({"cell": f"noise/{name}", **res})
     payload = dict(
@@ -344,7 +344,7 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         ys = [per_b[b].smallest.first_hit for b in bs]  # type: ignore[union-attr]
         if bs:
             ax.plot(bs, ys, marker="o", label=LABELS[name], ls="-" if name.startswith("neumann") else "--")
-    ref = [(b, r.smallest.first_hit) for per in results.values() for b, r in per.items() if r.smallest]
+    ref = [(b, r.smallest.first_hit or 0) for per in results.values() for b, r in per.items() if r.smallest]
     if ref:
         b0 = min(batches)
         s0 = [s for b, s in ref if b == b0]
