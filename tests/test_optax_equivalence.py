@@ -136,3 +136,49 @@ def test_state_round_trips_through_torch_style_numbers():
     np.testing.assert_allclose(np.asarray(state.v[0]), sd["state"][0]["v"].numpy(), atol=1e-12)
     assert int(state.reset_interval) == sd["param_groups"][0]["reset_interval"]
     assert torch.is_tensor(sd["state"][0]["m"])
+
+
+def test_parameters_changed_between_steps_meet_a_fresh_norm_in_both_front_ends():
+    """Weight averaging or pruning between steps: the next regularized step must use ||w - v|| of
+    the parameters as changed. JAX computes the norm from the parameters it is given (by
+    construction); the PyTorch CPU kernel carries it from the last pass and must notice the
+    change. Both held to the float64 reference through two such edits."""
+    hp = dict(burn_in_steps=1, reset_steps=50, momentum_ramp_steps=2.0, cubic_weight=0.05, repulsive_weight=1e-3)
+    problem = ElementwiseProblem([[(6, 3), (4,)]], 21)
+    ref = RefGroup(
+        w=problem.flat_w0(0),
+        lr=0.05,
+        burn_in=1,
+        reset0=50,
+        growth=2.0,
+        mu_min=0.5,
+        mu_max=0.9,
+        tau=2.0,
+        alpha=0.05,
+        beta_per_n=1e-3,
+        gamma=0.99,
+        wd=0.0,
+    )
+    opt = Neumann(problem.params[0], lr=0.05, **hp)  # the default path: the C kernel on CPU
+    tx = neumann_optax.neumann(0.05, **hp)
+    params = [jnp.asarray(w) for w in problem.w0[0]]
+    state = tx.init(params)
+    edited = False
+    for k in range(12):
+        if k in (5, 9):  # the user's edit: halve (averaging) then zero the small entries (pruning)
+            edit = (lambda w: 0.5 * w) if k == 5 else (lambda w: np.where(np.abs(w) < 0.3, 0.0, w))
+            ref.w = edit(ref.w)
+            with torch.no_grad():
+                for p in problem.params[0]:
+                    p.copy_(torch.as_tensor(edit(p.detach().numpy())))
+            params = [jnp.asarray(edit(np.asarray(w))) for w in params]
+            edited = True
+        problem.set_grads()
+        ref.step(problem.np_grad(0, ref.w))
+        opt.step()
+        u, state = tx.update([jnp.asarray(p.grad.numpy()) for p in problem.params[0]], state, params)
+        params = optax.apply_updates(params, u)
+        w_jax = np.concatenate([np.asarray(x).ravel() for x in params])
+        np.testing.assert_allclose(w_jax, ref.w, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX")
+        np.testing.assert_allclose(flat(problem.params[0]), ref.w, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: torch")
+    assert edited and opt.step_record()["distance"] > 0
