@@ -138,6 +138,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             Path(out).write_text(
                 json.dumps(dict(est=list(est), steps=state.steps, grad=[g.flatten().tolist() for g in grads]))
             )
+        dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
 

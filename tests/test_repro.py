@@ -183,7 +183,7 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path
         main([*argv, "--out", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("neumann-repro: error: ") and message in err[-1]
+    assert err[-1].startswith(f"neumann-repro {argv[0]}: error: ") and message in err[-1]  # the study's own usage
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "cache").exists()  # rejected before any work
 
@@ -195,7 +195,7 @@ def test_data_dir_without_cifar10_files_is_rejected(capsys, tmp_path):
         main(["compare", "--task", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--out", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("neumann-repro: error: --data-dir") and "data_batch_2" in err and "test_batch" in err
+    assert err.startswith("neumann-repro compare: error: --data-dir") and "data_batch_2" in err and "test_batch" in err
 
 
 def test_mnist1d_loader_is_offline_and_split(tmp_path):
