@@ -302,8 +302,10 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         "(the budget below was tried and did not reach, where marked ✓). Every budget decays the rate to 0 by "
         f"cosine; baselines warm up over its first {100 * meta['warmup_frac']:.0f}%. Neumann keeps the paper's "
         f"epoch-denominated defaults ({plural(burn, 'epoch')} of burn-in, first reset after 10 epochs, a 1-epoch "
-        "momentum ramp), whose length in steps falls with the batch: "
-        + ", ".join(f"{burn * max(1, train_size // b):,} burn-in steps at batch {b}" for b in batches)
+        "momentum ramp), whose length in steps falls with the batch (burn-in / first reset interval): "
+        + ", ".join(
+            f"{burn * max(1, train_size // b):,} / {10 * max(1, train_size // b):,} steps at batch {b}" for b in batches
+        )
         + ".\n",
         "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " | critical batch |",
         "|---|" + "---|" * (len(batches) + 1),

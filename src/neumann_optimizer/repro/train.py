@@ -250,6 +250,20 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
             opt.train()  # type: ignore[attr-defined]
         diverged = not (math.isfinite(train_loss) and math.isfinite(entry["val_loss"]))
         history.append(entry)
+    return _result(cfg, history, diverged, t0, n, steps_per_epoch, step, opt)
+
+
+def _result(
+    cfg: dict[str, Any],
+    history: list[dict[str, Any]],
+    diverged: bool,
+    t0: float,
+    n: int,
+    steps_per_epoch: int,
+    steps: int,
+    opt: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """What a run returns (and the cache keeps)."""
     out: dict[str, Any] = dict(
         config=cfg,
         history=history,
@@ -257,10 +271,10 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
         seconds=time.perf_counter() - t0,
         train_size=n,
         steps_per_epoch=steps_per_epoch,
-        steps=step,
+        steps=steps,
     )
-    if is_neumann:
-        out["neumann_steps"] = max(0, step - opt.param_groups[0]["burn_in_steps"])
+    if isinstance(opt, Neumann):
+        out["neumann_steps"] = max(0, steps - opt.param_groups[0]["burn_in_steps"])
     return out
 
 
@@ -335,17 +349,7 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
         if diverged:
             break
     steps = steps_per_epoch * len(history)  # optimizer steps taken (fewer when a run diverged)
-    out: dict[str, Any] = dict(
-        config=cfg,
-        history=history,
-        diverged=diverged,
-        seconds=time.perf_counter() - t0,
-        train_size=n,
-        steps_per_epoch=steps_per_epoch,
-        steps=steps,
-    )
-    if is_neumann:
-        out["neumann_steps"] = max(0, steps - opt.param_groups[0]["burn_in_steps"])
+    out = _result(cfg, history, diverged, t0, n, steps_per_epoch, steps, opt)
     if adaptive is not None:
         out["adaptive_momentum"] = adaptive.history
     if monitor is not None:
