@@ -244,3 +244,53 @@ def test_committed_report_is_what_the_committed_results_render_to(tmp_path, monk
     for study in ("compare", "batch-scaling"):
         payload = json.loads((root / "docs" / "results" / f"{study}.json").read_text())
         assert all("train_size" in r and "steps" in r and r["history"] for r in payload["runs"])
+
+
+def _tiny_data(n: int = 256):
+    from neumann_optimizer.repro.tasks import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 40, generator=g)
+    y = (x[:, 0, :20].mean(1) > x[:, 0, 20:].mean(1)).long() + 2 * (x[:, 0, 0] > 0).long()
+    return Dataset("tiny", x[:200], y[:200], x[200:228], y[200:228], x[228:], y[228:], 10)
+
+
+def test_gru_and_transformer_models_read_a_1d_signal():
+    from neumann_optimizer.repro.tasks import MODELS, PatchTransformer
+
+    d = _tiny_data()
+    for name in MODELS:
+        assert make_model(name, d)(d.x_train[:5]).shape == (5, 10), name
+    tr = make_model("transformer", d)
+    norms = [m for m in tr.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and not any(isinstance(m, torch.nn.Dropout) for m in tr.modules())  # pre-norm, no dropout
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        PatchTransformer(1, 42, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("lstm", d)
+
+
+def test_clipping_is_counted_and_changes_the_run():
+    from neumann_optimizer.repro.train import run
+
+    d = _tiny_data()
+    cfg = dict(task="tiny", model="gru", optimizer="neumann", lr=0.1, batch=20, epochs=2, seed=0, warmup_epochs=0)
+    plain = run(cfg, d, torch.device("cpu"))
+    always = run({**cfg, "clip": 1e-4}, d, torch.device("cpu"))
+    never = run({**cfg, "clip": 1e6}, d, torch.device("cpu"))
+    assert always["clipped_fraction"] == 1.0 and never["clipped_fraction"] == 0.0 and "clipped_fraction" not in plain
+    assert [e["train_loss"] for e in never["history"]] == [e["train_loss"] for e in plain["history"]]
+    assert always["history"][-1]["train_loss"] != plain["history"][-1]["train_loss"]
+
+
+def test_batchnorm_evaluation_variants_are_recorded_for_neumann():
+    from neumann_optimizer.repro.train import run
+
+    d = _tiny_data()
+    cfg = dict(task="tiny", model="cnn", optimizer="neumann", lr=0.1, batch=20, epochs=3, seed=0, warmup_epochs=0)
+    cfg.update(burn_in_epochs=1, bn_variants=True)
+    h = run(cfg, d, torch.device("cpu"))["history"]
+    assert all({"test_error_at_w", "test_error_no_bn_update", "test_error"} <= set(e) for e in h)
+    assert all(0 <= e["test_error_at_w"] <= 100 for e in h)
+    plain = run({**cfg, "bn_variants": False}, d, torch.device("cpu"))["history"]
+    assert [e["test_error"] for e in plain] == [e["test_error"] for e in h]  # recording them changes nothing

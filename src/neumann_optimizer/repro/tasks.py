@@ -172,14 +172,78 @@ class ResNetSmall(nn.Module):
         return self.net(x)
 
 
+class GRUClassifier(nn.Module):
+    """A GRU reading a 1-D signal one sample per time step (as in MNIST-1D's own benchmarks); the
+    last hidden state feeds a linear classifier."""
+
+    def __init__(self, channels: int, classes: int, width: int = 64) -> None:
+        super().__init__()
+        self.gru = nn.GRU(channels, width, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h = self.gru(x.transpose(1, 2))  # (N, C, L) -> (N, L, C)
+        return self.head(h[-1])
+
+
+class _PreNormBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchTransformer(nn.Module):
+    """A small pre-norm transformer encoder over patches of a 1-D signal (``patch`` samples per
+    token, a learned position embedding, LayerNorm, no dropout), mean-pooled into a classifier."""
+
+    def __init__(
+        self, channels: int, length: int, classes: int, width: int = 64, depth: int = 2, heads: int = 4, patch: int = 4
+    ) -> None:
+        super().__init__()
+        if length % patch:
+            raise ValueError(f"the signal length {length} is not a multiple of the patch size {patch}")
+        self.patch = patch
+        self.embed = nn.Linear(channels * patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, length // patch, width))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*(_PreNormBlock(width, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, length = x.shape
+        tokens = (
+            x.reshape(n, c, length // self.patch, self.patch).permute(0, 2, 1, 3).reshape(n, length // self.patch, -1)
+        )
+        h = self.blocks(self.embed(tokens) + self.pos)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+MODELS = ("mlp", "cnn", "gru", "transformer")
+
+
 def make_model(name: str, data: Dataset, width: int | None = None) -> nn.Module:
-    """``mlp`` (two hidden layers, ``width`` 256 by default) or ``cnn``."""
+    """``mlp`` (two hidden layers, ``width`` 256 by default), ``cnn`` (a small ResNet with
+    BatchNorm, ``width`` 32 channels), ``gru`` (``width`` 64 hidden units) or ``transformer``
+    (``width`` 64, two pre-norm layers over patches of 4 samples)."""
     shape = data.input_shape
     if name == "mlp":
         return MLP(int(np.prod(shape)), data.num_classes, width=width or 256)
     if name == "cnn":
-        return ResNetSmall(shape[0], data.num_classes, dims=len(shape) - 1)
-    raise ValueError(f"unknown model {name!r}; choose 'mlp' or 'cnn'")
+        return ResNetSmall(shape[0], data.num_classes, dims=len(shape) - 1, width=width or 32)
+    if len(shape) == 2 and name == "gru":
+        return GRUClassifier(shape[0], data.num_classes, width=width or 64)
+    if len(shape) == 2 and name == "transformer":
+        return PatchTransformer(shape[0], shape[1], data.num_classes, width=width or 64)
+    raise ValueError(f"unknown model {name!r} for input shape {shape}; choose from {MODELS} (gru, transformer: 1-D)")
 
 
 def has_batchnorm(model: nn.Module) -> bool:

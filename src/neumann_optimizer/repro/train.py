@@ -3,7 +3,10 @@
 A run config is a flat dict (hashed for the cache)::
 
     task, model, optimizer, lr, batch, epochs, seed, warmup_epochs, schedule,
-    optionally width (of the MLP's hidden layers, default 256),
+    optionally width (of the model, see ``tasks.make_model``), clip (a global gradient-norm
+    threshold; the run reports the fraction of steps clipped), bn_variants (Neumann with a
+    BatchNorm model: also the test error at the training weights w and at w - mu m without
+    recomputed BatchNorm statistics),
     and for Neumann: cubic_weight, repulsive_weight, burn_in_epochs, regularizer_schedule
 
 Every optimizer uses the same schedule family, ``schedule`` (absent: ``"cosine"``):
@@ -298,6 +301,9 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
     gen = torch.Generator().manual_seed(cfg["seed"])
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     bn_batches = [x_train[i : i + 1024] for i in range(0, min(n, 8192), 1024)]
+    clip = cfg.get("clip")  # gradient clipping by global norm (None: off)
+    clipped = 0
+    bn_variants = bool(cfg.get("bn_variants")) and is_neumann and bn
     history: list[dict[str, float]] = []
     diverged = False
     t0 = time.perf_counter()
@@ -312,6 +318,9 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
+            if clip is not None:  # the paper's Section 4.4: a threshold active on most steps
+                norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+                clipped += norm > clip
             opt.step()
             if monitor is not None:
                 monitor.observe(opt)  # type: ignore[arg-type]
@@ -320,6 +329,12 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
         train_loss = loss_sum / steps_per_epoch
         if not math.isfinite(train_loss):
             diverged = True
+        variants: dict[str, float] = {}
+        if bn_variants:  # what a user would see without the switch, or without recomputing BN statistics
+            variants["test_error_at_w"] = evaluate(model, data.x_test, data.y_test, device)[1]
+            opt.eval()  # type: ignore[attr-defined]
+            variants["test_error_no_bn_update"] = evaluate(model, data.x_test, data.y_test, device)[1]
+            opt.train()  # type: ignore[attr-defined]
         if is_neumann:
             opt.eval()  # type: ignore[attr-defined]
             if bn:
@@ -342,6 +357,7 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             val_error=val_err,
             test_loss=test_loss,
             test_error=test_err,
+            **variants,
         )
         if monitor is not None:
             entry.update(monitor.end_epoch(opt))  # type: ignore[arg-type]
@@ -350,6 +366,8 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             break
     steps = steps_per_epoch * len(history)  # optimizer steps taken (fewer when a run diverged)
     out = _result(cfg, history, diverged, t0, n, steps_per_epoch, steps, opt)
+    if clip is not None:
+        out["clipped_fraction"] = clipped / max(1, steps)
     if adaptive is not None:
         out["adaptive_momentum"] = adaptive.history
     if monitor is not None:
