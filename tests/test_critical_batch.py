@@ -85,7 +85,7 @@ def test_critical_batch_rule_and_noise_scale_in_the_summary(study, tmp_path):
     _, summary = cb.render_critical_batch(payload, tmp_path / "render")
     assert (tmp_path / "render" / "critical_batch.png").stat().st_size > 10_000
     steps = {int(b): v for b, v in summary["sgd"]["steps"].items()}
-    for b, s in steps.items():  # the rule, checked against its statement
+    for b in steps:  # the rule, checked against its statement
         ok = all(steps[c] * c <= 2 * min(steps[a] * a for a in steps if a <= c) for c in steps if c <= b)
         assert ok == (b <= summary["sgd"]["critical"])
     # S = S_min (1 + 256/B): half the ideal speed-up is lost near B = B_noise, between 256 and 1024
