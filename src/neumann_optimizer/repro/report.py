@@ -193,10 +193,18 @@ def verdict(study: str, summ: dict[str, Any]) -> str:
             other = summ.get(base)
             if other:
                 a, b = neu["critical"], other["critical"]
-                word = "beyond" if (a or 0) > (b or 0) else ("the same as" if a == b else "short of")
-                parts.append(f"Neumann's critical batch {a} vs {LABELS[base]}'s {b}: perfect scaling reaches {word}")
+                word = "larger" if (a or 0) > (b or 0) else ("the same" if a == b else "smaller")
+                parts.append(f"critical batch of Neumann (default) {a}, of {LABELS[base]} {b} ({word})")
         extends = all((neu["critical"] or 0) > (summ[o]["critical"] or 0) for o in ("sgd", "lars") if o in summ)
-        return "; ".join(parts) + f": **{'reproduced' if extends else 'not reproduced'}**"
+        out = "; ".join(parts) + f": **{'reproduced' if extends else 'not reproduced'}**"
+        fewer = []
+        for base in BASELINES:
+            other = summ.get(base)
+            if not other:
+                continue
+            wins = [b for b, s in neu["steps"].items() if s < other["steps"].get(b, float("inf"))]
+            fewer.append(f"{LABELS[base]} at {', '.join(wins) if wins else 'no batch size'}")
+        return out + ". Neumann (default) reaches the target in fewer steps than " + "; ".join(fewer)
     return "see the table"
 
 
