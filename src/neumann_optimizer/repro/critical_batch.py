@@ -33,10 +33,17 @@ FULL = dict(
     target=8.0,  # % validation error
     first_budget=2**6,  # the ladder: first_budget * 2^k up to max_budget
     max_budget=2**17,
+    max_epochs=512,  # and no budget of more epochs than this: a cell that has not reached by then does not
     start_examples=150_000,  # each search starts at the rung nearest start_examples / batch (about 4 epochs)
 )
 QUICK = dict(
-    task="mnist1d-4k", batches=[32, 256], target=50.0, first_budget=2**7, max_budget=2**10, start_examples=30_000
+    task="mnist1d-4k",
+    batches=[32, 256],
+    target=50.0,
+    first_budget=2**7,
+    max_budget=2**10,
+    max_epochs=512,
+    start_examples=30_000,
 )
 SEEDS = 2  # seed 0 tunes, seeds 0 and 1 make the mean curve
 WARMUP_FRAC = 0.05  # baselines' linear warmup, a share of each budget
@@ -134,6 +141,7 @@ class _Search:
     base: dict[str, Any]
     centre: float
     budget: int
+    max_budget: int
     tried: dict[int, set[int]] = field(default_factory=dict)  # budget -> grid indices of lrs
     extensions: dict[int, int] = field(default_factory=dict)
     done: bool = False
@@ -144,7 +152,7 @@ class _Search:
 
 def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, Any]) -> list[dict[str, Any]]:
     """The configs this cell needs next (empty when it is done), advancing its state on the way."""
-    target, lo, hi = st["target"], st["first_budget"], st["max_budget"]
+    target, lo, hi = st["target"], st["first_budget"], search.max_budget
     while not search.done:
         steps = search.budget
         if steps not in search.tried:
@@ -185,6 +193,14 @@ def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, 
     return []
 
 
+def max_budget(st: dict[str, Any], batch: int, train_size: int) -> int:
+    """The highest rung of a cell: at most ``max_budget`` steps and ``max_epochs`` epochs."""
+    b = st["first_budget"]
+    while 2 * b <= min(st["max_budget"], st["max_epochs"] * train_size / batch):
+        b *= 2
+    return b
+
+
 def start_budget(st: dict[str, Any], batch: int) -> int:
     """The ladder rung nearest ``start_examples / batch`` steps (within the ladder)."""
     k = round(math.log2(max(1.0, st["start_examples"] / batch / st["first_budget"])))
@@ -200,6 +216,7 @@ def settings(s: Settings) -> dict[str, Any]:
 
 def critical_batch(runner: Runner, s: Settings) -> str:
     st = settings(s)
+    train_size = len(runner.data(st["task"]).x_train)
     searches = []
     for name in VARIANTS:
         v, centre = BATCH_VARIANTS[name]
@@ -211,7 +228,8 @@ def critical_batch(runner: Runner, s: Settings) -> str:
             elif s.quick:  # a 1-epoch burn-in: the quick budgets reach the Neumann phase
                 cfg["burn_in_epochs"] = 1
             guess = centre * math.sqrt(b / 256)
-            searches.append(_Search(f"{name}/{b}", cfg, guess, start_budget(st, b)))
+            top = max_budget(st, b, train_size)
+            searches.append(_Search(f"{name}/{b}", cfg, guess, min(start_budget(st, b), top), top))
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {x.name: {} for x in searches}
     while True:
         plan = [(x, c) for x in searches for c in _plan(x, runs[x.name], st)]
@@ -298,7 +316,8 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# critical-batch: steps to a target versus batch size (Shallue et al. 2019)\n",
         f"MLP on {meta['task']} ({train_size:,} training examples). Target: **{target:g}% validation error**. "
-        "Every point tuned: step budgets on a ladder of powers of 2, at each budget the learning rate tuned on the "
+        "Every point tuned: step budgets on a ladder of powers of 2 (up to "
+        f"{meta.get('max_epochs', 512)} epochs), at each budget the learning rate tuned on the "
         f"1-3-10 grid (seed 0), then {plural(meta['seeds'], 'seed')} at the chosen rate; a budget reaches the target "
         "when the seeds' mean validation error does, at one of "
         f"{meta['evals']} evaluation points. Steps-to-target: the first such point in the smallest reaching budget "
@@ -320,7 +339,8 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
             r = per_b.get(b)
             s = r.smallest if r else None
             if s is None:
-                row.append("not reached" if r else "—")
+                top = max(r.budgets) if r and r.budgets else 0
+                row.append(f"not reached in {top:,} steps ({top * b / max(train_size, 1):,.0f} epochs)" if r else "—")
                 continue
             steps[b] = float(s.first_hit)  # type: ignore[arg-type]
             mark = " ✓" if r.verified(meta["first_budget"]) else ""  # type: ignore[union-attr]
