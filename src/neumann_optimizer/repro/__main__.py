@@ -83,7 +83,7 @@ FULL_COST_CORE_MINUTES = {
     "batch-scaling": 130,
     "curvature": 2,
     "regularizers": 184,
-    "critical-batch": 200,  # TODO: the measured figure once the full run has finished
+    "critical-batch": 117,
 }
 
 STUDY_HELP = {
