@@ -104,7 +104,7 @@ STUDY_HELP = {
     "every point tuned over a ladder of step budgets and learning rates, for Neumann (default and paper's "
     "regularizers), SGD+Nesterov, AdamW, LARS and LAMB; each optimizer's critical batch size and the gradient "
     "noise scale (quick: 4k set, batches 32 and 256, short budgets).",
-    "all": "Every study in turn, then the report (about 3 hours with two cores; resumable).",
+    "all": "Every study in turn, then the report (about 4 hours with two cores; resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
 
