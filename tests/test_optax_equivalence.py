@@ -143,22 +143,12 @@ def test_parameters_changed_between_steps_meet_a_fresh_norm_in_both_front_ends()
     the parameters as changed. JAX computes the norm from the parameters it is given (by
     construction); the PyTorch CPU kernel carries it from the last pass and must notice the
     change. Both held to the float64 reference through two such edits."""
-    hp = dict(burn_in_steps=1, reset_steps=50, momentum_ramp_steps=2.0, cubic_weight=0.05, repulsive_weight=1e-3)
-    problem = ElementwiseProblem([[(6, 3), (4,)]], 21)
-    ref = RefGroup(
-        w=problem.flat_w0(0),
-        lr=0.05,
-        burn_in=1,
-        reset0=50,
-        growth=2.0,
-        mu_min=0.5,
-        mu_max=0.9,
-        tau=2.0,
-        alpha=0.05,
-        beta_per_n=1e-3,
-        gamma=0.99,
-        wd=0.0,
+    hp = dict(burn_in_steps=1, reset_steps=50, reset_growth=2.0, momentum=(0.5, 0.9), momentum_ramp_steps=2.0)
+    hp.update(
+        cubic_weight=0.05, repulsive_weight=1e-3, ema_decay=0.99, weight_decay=0.0, regularizer_schedule="constant"
     )
+    problem = ElementwiseProblem([[(6, 3), (4,)]], 21)
+    ref = _reference(problem, 0.05, hp)
     opt = Neumann(problem.params[0], lr=0.05, **hp)  # the default path: the C kernel on CPU
     tx = neumann_optax.neumann(0.05, **hp)
     params = [jnp.asarray(w) for w in problem.w0[0]]

@@ -127,7 +127,7 @@ def split_momentum(group: dict[str, Any]) -> None:
     """Move a new group's validated ``momentum`` (a pair, or one number: the constant pair) to
     ``momentum_bounds`` and leave in ``momentum`` the mu of the last step (0.0: none yet)."""
     mom = group["momentum"]
-    group["momentum_bounds"] = tuple(mom) if isinstance(mom, (tuple, list)) else (mom, mom)
+    group["momentum_bounds"] = tuple(float(x) for x in mom) if isinstance(mom, (tuple, list)) else (mom, mom)
     group["momentum"] = float(group.get("last_momentum", 0.0))
 
 
@@ -136,10 +136,8 @@ def upgrade_momentum(group: dict[str, Any]) -> None:
     mu (given, or written by a scheduler), which stays in charge as a scheduler's value does."""
     if "momentum_bounds" in group:
         return
-    mom = group["momentum"]
-    if isinstance(mom, (tuple, list)):
-        group["momentum_bounds"] = tuple(float(x) for x in mom)
-        group["momentum"] = float(group.get("last_momentum", 0.0))
+    if isinstance(group["momentum"], (tuple, list)):
+        split_momentum(group)
     else:
         group["momentum_bounds"] = None
 

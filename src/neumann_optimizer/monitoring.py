@@ -90,6 +90,7 @@ class StepLog:
         self.prefix = prefix
         self.calls = 0
         self.latest: tuple[int, dict[str, float]] | None = None
+        self._taken = 0  # the call count of the metrics take() handed out last
         self._handle = optimizer.register_step_post_hook(self._hook)
 
     def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -102,6 +103,14 @@ class StepLog:
         self.latest = (self.calls, metrics)
         if self.sink is not None:
             self.sink(metrics, self.calls)
+
+    def take(self) -> dict[str, float] | None:
+        """The latest metrics if :meth:`take` has not returned them yet, else ``None``: for a
+        framework that emits them at its own logging point."""
+        if self.latest is None or self.latest[0] == self._taken:
+            return None
+        self._taken = self.latest[0]
+        return dict(self.latest[1])
 
     def remove(self) -> None:
         self._handle.remove()

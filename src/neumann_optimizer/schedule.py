@@ -49,8 +49,8 @@ def plan_step(applied_steps: int, burn_in_steps: int, next_reset: int, group: di
     if s <= burn_in_steps:
         return StepPlan(Phase.BURN_IN, 0.0, 0)
     t = s - burn_in_steps
-    bounds = group.get("momentum_bounds")
-    if bounds is not None and not scheduler_wrote_momentum(group):
+    bounds = group["momentum_bounds"]
+    if bounds is not None:
         mu = momentum_at(t, group["momentum_ramp_steps"], bounds[0], bounds[1])
     else:  # written by a momentum-cycling scheduler (OneCycleLR, CyclicLR): the mu of this step
         mu = constant_momentum(group["momentum"])
@@ -61,7 +61,7 @@ def scheduler_wrote_momentum(group: dict) -> bool:
     """Whether something other than the optimizer wrote ``group["momentum"]`` since the last step:
     the optimizer leaves the mu it used there (``== group["last_momentum"]``) while it follows its
     ramp. From the first such write on, the group's ``momentum`` is the mu of each next step."""
-    return group.get("momentum_bounds") is None or group["momentum"] != group["last_momentum"]
+    return group["momentum"] != group["last_momentum"]
 
 
 def constant_momentum(mom: object) -> float:

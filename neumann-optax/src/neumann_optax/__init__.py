@@ -1,5 +1,5 @@
 """The Neumann optimizer (Krishnan, Xiao & Saurous, arXiv:1712.03298) for JAX, as an optax
-``GradientTransformation``: :func:`neumann` and the evaluation weights :func:`evaluation_params`."""
+``GradientTransformationExtraArgs``: :func:`neumann` and the evaluation weights :func:`evaluation_params`."""
 
 from importlib import metadata as _metadata
 

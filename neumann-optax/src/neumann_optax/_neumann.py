@@ -84,11 +84,9 @@ def _check_learning_rate(lr: Any) -> None:
     if callable(lr) or isinstance(lr, jax.core.Tracer):
         return
     value = lr
-    if isinstance(lr, (jax.Array, np.ndarray, np.generic)) and not isinstance(lr, np.bool_):
-        if np.size(lr) != 1 or not jnp.issubdtype(lr.dtype, jnp.number) or jnp.iscomplexobj(lr):
-            value = lr  # reported as given below
-        else:
-            value = float(np.asarray(lr).reshape(()))
+    array = isinstance(lr, (jax.Array, np.ndarray, np.generic)) and np.size(lr) == 1
+    if array and (jnp.issubdtype(lr.dtype, jnp.floating) or jnp.issubdtype(lr.dtype, jnp.integer)):
+        value = float(np.asarray(lr).reshape(()))  # a one-element real array: checked as its number
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     if not ok:
         # the PyTorch class's message, with this front end's name for the argument

@@ -139,22 +139,19 @@ class NeumannMonitor(pl.Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
         self._logs: list[StepLog] = []
-        self._sent: list[int] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
         opts = neumann_optimizers(trainer.optimizers)
         prefixes = ["neumann"] if len(opts) == 1 else [f"neumann{i}" for i in range(len(opts))]
         self._logs = [StepLog(opt, self.every_n_steps, prefix=pre) for opt, pre in zip(opts, prefixes, strict=True)]
-        self._sent = [0] * len(self._logs)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        for i, log in enumerate(self._logs):
-            if log.latest is None or log.latest[0] == self._sent[i]:
-                continue
-            self._sent[i] = log.latest[0]
-            for logger in trainer.loggers:
-                logger.log_metrics(log.latest[1], step=trainer.global_step)
+        for log in self._logs:
+            metrics = log.take()
+            if metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()

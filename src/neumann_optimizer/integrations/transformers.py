@@ -70,7 +70,6 @@ class NeumannLogCallback(TrainerCallback):
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self._log: StepLog | None = None
-        self._sent = 0
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
@@ -79,13 +78,11 @@ class NeumannLogCallback(TrainerCallback):
         opt = unwrap_neumann(optimizer)
         if opt is not None:
             self._log = StepLog(opt, self.every_n_steps)
-            self._sent = 0
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self._log is None or self._log.latest is None or self._log.latest[0] == self._sent:
-            return
-        self._sent = self._log.latest[0]
-        self.trainer.log(dict(self._log.latest[1]))
+        metrics = self._log.take() if self._log is not None else None
+        if metrics:
+            self.trainer.log(metrics)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self._log is not None:

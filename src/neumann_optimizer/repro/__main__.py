@@ -190,35 +190,31 @@ def _parser(studies: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.
     return p, subs
 
 
+# what a subcommand without the option (report has no training options, studies no --report) reads
+ABSENT_OPTIONS = dict(
+    seeds=None, device="cpu", jobs=1, no_progress=False, task=None, data_dir=None, report=Path("docs/REPRODUCTION.md")
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    studies = _studies()
+    top, subs = _parser(studies)
+    args = top.parse_args(argv)
+    for name, default in ABSENT_OPTIONS.items():
+        args.__dict__.setdefault(name, default)
     try:
-        return _main(argv)
+        return _main(args, subs[args.study], studies)  # errors show the study's own usage line
     except KeyboardInterrupt:
-        cache = _INTERRUPT_CACHE[0] if _INTERRUPT_CACHE else "the --out directory's cache/"
         print(
-            f"neumann-repro: interrupted; finished runs are kept in the cache ({cache}): "
+            f"neumann-repro: interrupted; finished runs are kept in the cache ({args.out / 'cache'}): "
             "the same command resumes there",
             file=sys.stderr,
         )
         return 130
 
 
-_INTERRUPT_CACHE: list[str] = []  # the cache directory of the running command, for the Ctrl-C message
-
-
-def _main(argv: list[str] | None) -> int:
-    studies = _studies()
-    top, subs = _parser(studies)
-    args = top.parse_args(argv)
-    p = subs[args.study]  # errors show the study's own usage line
-    for name, default in (("seeds", None), ("device", "cpu"), ("jobs", 1), ("no_progress", False)):
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    for name in ("task", "data_dir"):
-        args.__dict__.setdefault(name, None)
-    args.__dict__.setdefault("report", Path("docs/REPRODUCTION.md"))
+def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict) -> int:
     _check(p, args)
-    _INTERRUPT_CACHE[:] = [str(args.out / "cache")]
     settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs, schedule=args.schedule)
     if args.task:
         settings.task4k = settings.task_large = args.task

@@ -178,9 +178,8 @@ def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, 
         if need:
             return need
         result = cell_result([r for rs in runs.values() for r in rs], target)
-        if b.reached:
-            below = result.budgets.get(steps // 2)
-            if steps <= lo or (below is not None and below.mean_curve is not None and not below.reached):
+        if b.reached:  # the search only walks down from a reaching budget: it is the smallest so far
+            if result.verified(lo):
                 search.done = True
             else:
                 search.budget = steps // 2

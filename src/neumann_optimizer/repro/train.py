@@ -220,6 +220,7 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
     gen = torch.Generator().manual_seed(cfg["seed"])
     probe_gen = torch.Generator().manual_seed(10_000 + cfg["seed"])
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    bn_batches = [x_train[i : i + 1024] for i in range(0, min(n, 8192), 1024)]
     history: list[dict[str, float]] = []
     diverged = False
     t0 = time.perf_counter()
@@ -245,15 +246,33 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
         entry: dict[str, Any] = dict(step=step, train_loss=train_loss)
         if cfg.get("noise_scale"):
             entry["trace_sigma"], entry["grad_sq"] = _noise_probe(model, x_train, y_train, probe_gen)
-        if is_neumann:
-            opt.eval()  # type: ignore[attr-defined]
-        entry["val_loss"], entry["val_error"] = evaluate(model, data.x_val, data.y_val, device)
-        entry["test_loss"], entry["test_error"] = evaluate(model, data.x_test, data.y_test, device)
-        if is_neumann:
-            opt.train()  # type: ignore[attr-defined]
+        entry.update(_evaluate_run(model, opt, data, device, bn_batches))
         diverged = not (math.isfinite(train_loss) and math.isfinite(entry["val_loss"]))
         history.append(entry)
     return _result(cfg, history, diverged, t0, n, steps_per_epoch, step, opt)
+
+
+def _evaluate_run(
+    model: nn.Module, opt: torch.optim.Optimizer, data: Dataset, device: torch.device, bn_batches: list[Tensor]
+) -> dict[str, float]:
+    """Validation and test loss and error (%) of a run at this point: Neumann at its evaluation
+    weights ``w - mu m``, with BatchNorm statistics recomputed for them from ``bn_batches`` (and
+    the training-time ones put back afterwards), every other optimizer as it stands."""
+    neumann = opt if isinstance(opt, Neumann) else None
+    saved = None
+    if neumann is not None:
+        neumann.eval()
+        if has_batchnorm(model):
+            saved = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+            torch.optim.swa_utils.update_bn(bn_batches, model)
+    out: dict[str, float] = {}
+    out["val_loss"], out["val_error"] = evaluate(model, data.x_val, data.y_val, device)
+    out["test_loss"], out["test_error"] = evaluate(model, data.x_test, data.y_test, device)
+    if neumann is not None:
+        if saved is not None:
+            model.load_state_dict(saved, strict=False)
+        neumann.train()
+    return out
 
 
 def _result(
@@ -335,30 +354,10 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             opt.eval()  # type: ignore[attr-defined]
             variants["test_error_no_bn_update"] = evaluate(model, data.x_test, data.y_test, device)[1]
             opt.train()  # type: ignore[attr-defined]
-        if is_neumann:
-            opt.eval()  # type: ignore[attr-defined]
-            if bn:
-                saved = copy.deepcopy(
-                    {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-                )
-                torch.optim.swa_utils.update_bn(bn_batches, model)
-        val_loss, val_err = evaluate(model, data.x_val, data.y_val, device)
-        test_loss, test_err = evaluate(model, data.x_test, data.y_test, device)
-        if is_neumann:
-            if bn:
-                model.load_state_dict(saved, strict=False)
-            opt.train()  # type: ignore[attr-defined]
-        if not math.isfinite(val_loss):
+        entry: dict[str, Any] = dict(epoch=epoch, train_loss=train_loss)
+        entry.update(_evaluate_run(model, opt, data, device, bn_batches), **variants)
+        if not math.isfinite(entry["val_loss"]):
             diverged = True
-        entry: dict[str, Any] = dict(
-            epoch=epoch,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_error=val_err,
-            test_loss=test_loss,
-            test_error=test_err,
-            **variants,
-        )
         if monitor is not None:
             entry.update(monitor.end_epoch(opt))  # type: ignore[arg-type]
         history.append(entry)
