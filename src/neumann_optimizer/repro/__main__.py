@@ -21,15 +21,31 @@ from .runner import Runner
 from .studies import STUDIES
 from .train import SCHEDULES
 
-ALL_ORDER = ["compare", "seeds", "ablation", "batch-scaling", "curvature", "regularizers", "critical-batch"]
+ALL_ORDER = [
+    "compare",
+    "seeds",
+    "ablation",
+    "batch-scaling",
+    "curvature",
+    "regularizers",
+    "critical-batch",
+    "architectures",
+]
 
 
 def _studies() -> dict:
+    from .architectures import architectures
     from .critical_batch import critical_batch
     from .curvature import curvature
     from .regularizers import regularizers
 
-    return {**STUDIES, "curvature": curvature, "regularizers": regularizers, "critical-batch": critical_batch}
+    return {
+        **STUDIES,
+        "curvature": curvature,
+        "regularizers": regularizers,
+        "critical-batch": critical_batch,
+        "architectures": architectures,
+    }
 
 
 def _full_cost(name: str) -> str:
@@ -84,6 +100,7 @@ FULL_COST_CORE_MINUTES = {
     "curvature": 2,
     "regularizers": 184,
     "critical-batch": 117,
+    "architectures": 150,
 }
 
 STUDY_HELP = {
@@ -104,6 +121,10 @@ STUDY_HELP = {
     "every point tuned over a ladder of step budgets and learning rates, for Neumann (default and paper's "
     "regularizers), SGD+Nesterov, AdamW, LARS and LAMB; each optimizer's critical batch size and the gradient "
     "noise scale (quick: 4k set, batches 32 and 256, short budgets).",
+    "architectures": "Beyond the MLP: a BatchNorm convnet (also with RMSprop), a GRU with and without gradient "
+    "clipping (the paper's Section 4.4) and a small transformer on MNIST-1D 4k, Neumann (default and paper's "
+    "regularizers) vs SGD+Nesterov and AdamW, each tuned; then batch-scaling on the convnet, batch 128 to 1,024 "
+    "on MNIST-1D 36k with LARS and LAMB (quick: 3-epoch runs with a 1-epoch burn-in, fewer rows).",
     "all": "Every study in turn, then the report (about 4 hours with two cores; resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
