@@ -13,12 +13,17 @@ donates them), medians of interleaved rounds:
 It also prints how many loops (fusions) XLA emitted for each and how many arrays those loops read
 and write: XLA:CPU emits one loop per output array, each reading every input its output depends on.
 
-    python benchmarks/optax_fusion_floor.py [--params 10] [--rounds 9]
+With ``--multi-output-fusion`` it turns on XLA:CPU's optional multi-output fusion pass
+(``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``, off by default) to
+show what it does to each step.
+
+    python benchmarks/optax_fusion_floor.py [--params 10] [--rounds 9] [--multi-output-fusion]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -82,7 +87,13 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=10.0, help="millions of elements")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument(
+        "--multi-output-fusion", action="store_true", help="turn on XLA:CPU's optional multi-output fusion pass"
+    )
     args = ap.parse_args()
+    if args.multi_output_fusion:  # read when the backend starts, at the first array below
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_extra_options=xla_cpu_use_multi_output_fusion".strip()
     n = int(args.params * 1e6) // 512 * 512
     key = jax.random.PRNGKey(0)
     live = {}
@@ -108,6 +119,7 @@ def main() -> None:
     print(
         f"# {n / 1e6:.1f}M float32 elements, one array; jax {jax.__version__}; {dev.platform} ({dev.device_kind}); "
         f"median of {args.rounds} interleaved rounds of {args.steps} steps"
+        + ("; XLA:CPU multi-output fusion on" if args.multi_output_fusion else "")
     )
     base = statistics.median(times["adam"])
     print("| step | ms | vs adam | XLA loops | loop operands + outputs |")
