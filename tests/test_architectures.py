@@ -60,7 +60,11 @@ def test_batchnorm_variants_and_gradient_scales_are_reported(quick):
     others = [r for r in payload["runs"] if r["config"]["model"] != "cnn" or r["config"]["optimizer"] != "neumann"]
     assert others and not any("test_error_at_w" in r["history"][-1] for r in others)
     bn = summary["bn/cnn/neumann-default"]
-    assert all(0 <= bn[k] <= 100 for k in ("recomputed", "at_w", "not_recomputed"))
+    chosen = [r for r in cnn_neumann if r["config"]["lr"] == summary["cnn/neumann-default"]["lr"]]
+    for where, epoch in (("end", -1), ("mid", 0)):  # 2 epochs: the middle one is the first
+        for key, field in arch.BN_KEYS.items():
+            expect = sum(r["history"][epoch][field] for r in chosen) / len(chosen)
+            assert bn[f"{where}_{key}"] == pytest.approx(expect)
     scales = payload["meta"]["gradient_scales"]
     assert set(scales) == {"cnn", "gru-clip", "transformer"} and all(v > 0 for s in scales.values() for v in s.values())
     assert "blocks.0.attn.in_proj_weight" in scales["transformer"]
@@ -69,7 +73,7 @@ def test_batchnorm_variants_and_gradient_scales_are_reported(quick):
         vals = scales[fam].values()
         assert d == pytest.approx(math.log10(max(vals) / min(vals)))
         assert summary[f"{fam}/burn_in_share"] == pytest.approx(1 / 2)
-    assert "steps clipped" in table and "w - mu m, not recomputed" in table and "batch 512" in table
+    assert "steps clipped" in table and "end: not recomputed" in table and "batch 512" in table
     text = verdict("architectures", summary)
     assert "cnn: Neumann (default)" in text and "burn-in 50% of the run" in text and "CNN batch scaling" in text
 
@@ -98,10 +102,11 @@ def _summary(gru: tuple[float, float], clip: tuple[float, float]) -> dict:
 )
 def test_section_4_4_rule(gru, clip, word):
     text = arch.verdict(_summary(gru, clip))
-    assert "Section 4.4 (GRU)" in text and text.endswith(word + " (the paper: Neumann fails where clipping is on)")
+    assert "Section 4.4 (GRU, Neumann (default" in text
+    assert text.endswith(word + " (the paper: Neumann fails where clipping is on)")
     change = (clip[1] - clip[0]) - (gru[1] - gru[0])
     assert f"by {change:+.2f} points" in text
-    assert "burn-in 12% of the run" in text  # 5 of 40 epochs, rounded
+    assert "burn-in 12.5% of the run" in text  # 5 of 40 epochs
 
 
 def test_family_verdict_names_the_best_baseline_and_the_rule():
