@@ -132,11 +132,22 @@ def _family(f: dict[str, Any], fam: dict[str, Any], s: Settings) -> dict[str, An
     )
 
 
-def _cfg(row: str, burn_in: int | None, **kw: Any) -> dict[str, Any]:
-    cfg = base_cfg(**kw, **ROWS[row])
+def _cfg(row: str, burn_in: int | None, f: dict[str, Any], warmup_epochs: int) -> dict[str, Any]:
+    """One row's config on a model setting ``f`` (task, model, width, batch, epochs, optionally clip)."""
+    cfg = base_cfg(
+        task=f["task"],
+        model=f["model"],
+        width=f["width"],
+        batch=f["batch"],
+        epochs=f["epochs"],
+        warmup_epochs=min(warmup_epochs, f["epochs"] // 2),
+        **ROWS[row],
+    )
+    if f.get("clip") is not None:
+        cfg["clip"] = f["clip"]
     if cfg["optimizer"] == "neumann":
         cfg["warmup_epochs"] = 0  # its burn-in and momentum ramp are its own warmup
-        cfg["bn_variants"] = kw["model"] == "cnn"
+        cfg["bn_variants"] = f["model"] == "cnn"
         if burn_in is not None:
             cfg["burn_in_epochs"] = burn_in
     return cfg
@@ -149,35 +160,12 @@ def architectures(runner: Runner, s: Settings) -> str:
     families = {name: _family(f, fam, s) for name, f in FAMILIES.items() if not (s.quick and f.get("full_only"))}
     for name, f in families.items():
         for row, centre in FAMILIES[name]["centres"].items():
-            if s.quick and row not in QUICK_ROWS:
-                continue
-            cfg = _cfg(
-                row,
-                fam["burn_in_epochs"],
-                task=f["task"],
-                model=f["model"],
-                width=f["width"],
-                batch=f["batch"],
-                epochs=f["epochs"],
-                warmup_epochs=min(fam["warmup_epochs"], f["epochs"] // 2),
-            )
-            if f["clip"] is not None:
-                cfg["clip"] = f["clip"]
-            cells[f"{name}/{row}"] = (s.scheduled(cfg), centre)
+            if not (s.quick and row not in QUICK_ROWS):
+                cfg = _cfg(row, fam["burn_in_epochs"], f, fam["warmup_epochs"])
+                cells[f"{name}/{row}"] = (s.scheduled(cfg), centre)
     for row, centre in SCALING_ROWS.items():
-        if s.quick and row not in QUICK_SCALING_ROWS:
-            continue
-        for b in sc["batches"]:
-            cfg = _cfg(
-                row,
-                fam["burn_in_epochs"],
-                task=sc["task"],
-                model=sc["model"],
-                width=sc["width"],
-                batch=b,
-                epochs=sc["epochs"],
-                warmup_epochs=min(sc["warmup_epochs"], sc["epochs"] // 2),
-            )
+        for b in sc["batches"] if not (s.quick and row not in QUICK_SCALING_ROWS) else []:
+            cfg = _cfg(row, fam["burn_in_epochs"], {**sc, "batch": b}, sc["warmup_epochs"])
             cells[f"scaling/{row}/{b}"] = (s.scheduled(cfg), centre * math.sqrt(b / 256))
     runs = tune(runner, cells, protocol, "architectures")
     payload = dict(
