@@ -266,7 +266,12 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
                 f"{fmt(r['test_mean'], r['test_std'])} | {e if e else '—'} / {f['epochs']} |"
                 + (f" {100 * cf:.0f}% |" if cf is not None else (" — |" if clip_col else ""))
             )
-            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=f"{LABELS[row]} ({r['lr']:g})")
+            ax.plot(
+                range(1, len(r["curve"]) + 1),
+                r["curve"],
+                label=f"{LABELS[row]} ({r['lr']:g})",
+                color=f"C{list(ROWS).index(row)}",  # one colour per row in every panel
+            )
             summary[f"{name}/{row}"] = dict(
                 lr=r["lr"],
                 final_mean=r["test_mean"],
@@ -280,7 +285,8 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
         summary[f"{name}/burn_in_share"] = meta["burn_in_epochs"] / f["epochs"]
         ax.axhline(target, color="gray", ls=":", lw=1)
         ax.set(title=f"{name} ({f['task']})", xlabel="epoch", ylabel="test error (%)")
-        ax.set_ylim(0, min(100, 3 * max(target, 3)))
+        worst = max((r["test_mean"] for r in rows.values()), default=0.0)  # every row's end in view
+        ax.set_ylim(0, min(100, max(3 * max(target, 3), 1.2 * worst)))
         epoch_axis(ax)
         ax.legend(fontsize=6)
     save_figure(fig, out_dir / "test_error.png")
