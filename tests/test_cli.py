@@ -80,7 +80,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         "compare",
         "--quick",
         "--epochs",
-        "2",
+        "30",  # a study far longer than the wait for its first cached run: the interrupt lands mid-study
         "--out",
         str(tmp_path),
     ]
@@ -88,6 +88,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     deadline = time.time() + 120
     while not list((tmp_path / "cache").glob("*.json")) and time.time() < deadline:
         time.sleep(0.2)  # interrupt once training is under way (a run is cached)
+    assert proc.poll() is None, "the study ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = err.decode().strip().splitlines()
