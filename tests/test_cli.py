@@ -84,7 +84,15 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         "--out",
         str(tmp_path),
     ]
-    proc = subprocess.Popen([*cmd, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        # as from a terminal: a test runner started in the background (nohup, `&`) ignores SIGINT, and
+        # an ignored SIGINT is inherited through exec, so the study would never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "cache").glob("*.json")) and time.time() < deadline:
         time.sleep(0.2)  # interrupt once training is under way (a run is cached)
