@@ -211,10 +211,6 @@ def _decades(scales: dict[str, float]) -> float:
     return math.log10(max(vals) / min(vals)) if vals else math.nan
 
 
-def _burn_in_share(meta: dict[str, Any], epochs: int) -> str:
-    return f"{100 * meta['burn_in_epochs'] / epochs:.0f}%"
-
-
 def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
     meta, protocol = payload["meta"], Protocol(**payload["meta"]["protocol"])
     cells = _cells(payload["runs"])
@@ -290,7 +286,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
         epoch_axis(ax)
         ax.legend(fontsize=6)
     save_figure(fig, out_dir / "test_error.png")
-    lines += _bn_table(cells, meta, protocol, summary)
+    lines += _bn_table(cells, protocol, summary)
     lines += _gradient_scale_table(meta, summary)
     table, scaling = _scaling(payload, out_dir)
     lines += ["\n## cnn batch scaling (paper Table 3 on the convnet)\n", table]
@@ -301,9 +297,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
 BN_KEYS = {"recomputed": "test_error", "at_w": "test_error_at_w", "not_recomputed": "test_error_no_bn_update"}
 
 
-def _bn_table(
-    cells: dict[str, list[dict[str, Any]]], meta: dict[str, Any], protocol: Protocol, summary: dict
-) -> list[str]:
+def _bn_table(cells: dict[str, list[dict[str, Any]]], protocol: Protocol, summary: dict) -> list[str]:
     """Neumann's BatchNorm runs at the chosen rate, evaluated three ways, at the end and mid-run."""
     out = [
         "\n## BatchNorm: where Neumann is evaluated\n",
