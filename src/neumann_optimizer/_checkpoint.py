@@ -38,8 +38,8 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
                         f"Neumann.load_state_dict: state '{name}' of {opt._param_name(gi, pi)} "
                         f"has shape {tuple(t.shape)}: a state dict of another model?"
                     )
-            if "m" not in pstate or "v" not in pstate:
+            if "m" not in pstate:  # ("v" is absent where both regularizers were 0: the lean step)
                 raise ValueError(
-                    f"Neumann.load_state_dict: state of {opt._param_name(gi, pi)} lacks 'm' or 'v': "
+                    f"Neumann.load_state_dict: state of {opt._param_name(gi, pi)} lacks 'm': "
                     "not a state dict of a Neumann optimizer"
                 )

@@ -142,6 +142,12 @@ def upgrade_momentum(group: dict[str, Any]) -> None:
         group["momentum_bounds"] = None
 
 
+def is_lean(group: dict[str, Any]) -> bool:
+    """Both regularizers are 0: the group's step keeps no ``v`` and computes no norm (the lean step,
+    Nesterov momentum in the displaced form, with the burn-in, ramp and resets)."""
+    return group["cubic_weight"] == 0 and group["repulsive_weight"] == 0
+
+
 def regularizer_scale(group: dict[str, Any]) -> float:
     """The factor on ``alpha`` and ``beta`` at the group's next step: 1 (``"constant"``, the
     paper), ``lr / reference_lr`` (``"lr"``) or ``(lr / reference_lr) ** p`` (a number ``p``)."""

@@ -41,6 +41,7 @@ __all__ = [
     "DTYPES",
     "all_finite",
     "available",
+    "lean_step",
     "library",
     "library_path",
     "squared_distance",
@@ -208,6 +209,10 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_double
                 fn.argtypes = [ctypes.c_int64, ptrs, ptrs, ptrs, ptrs, i64p, ctypes.c_int]
                 fn.argtypes += [ctypes.c_double] * 5 + [ctypes.c_int]
+                fn = getattr(lib, f"neumann_lean_step_{suffix}")
+                fn.restype = None
+                fn.argtypes = [ctypes.c_int64, ptrs, ptrs, ptrs, i64p, ctypes.c_int]
+                fn.argtypes += [ctypes.c_double] * 3 + [ctypes.c_int]
                 fn = getattr(lib, f"neumann_sqdist_{suffix}")
                 fn.restype = ctypes.c_double
                 fn.argtypes = [ctypes.c_int64, ptrs, ptrs, i64p, ctypes.c_int]
@@ -288,6 +293,35 @@ def step(
     )
     torch.autograd.graph.increment_version(params if phase == "burn_in" else [*params, *ms, *vs])
     return float(sq)
+
+
+def lean_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    *,
+    phase: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """One lean step of the group in place (both regularizers 0: no ``v``, no norm); reads ``g``,
+    ``w``, ``m`` and writes ``w``, ``m``, as a fused SGD step with Nesterov momentum does."""
+    lib = library()
+    assert lib is not None
+    getattr(lib, f"neumann_lean_step_{DTYPES[params[0].dtype]}")(
+        len(params),
+        pointers(params),
+        pointers(grads),
+        pointers(ms),
+        sizes(params),
+        PHASE_CODES[phase],
+        lr,
+        momentum,
+        weight_decay,
+        torch.get_num_threads(),
+    )
+    torch.autograd.graph.increment_version(params if phase == "burn_in" else [*params, *ms])
 
 
 def squared_distance(params: list[Tensor], vs: list[Tensor]) -> float:

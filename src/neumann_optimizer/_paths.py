@@ -10,15 +10,8 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._distributed import all_ranks_true, all_reduce_squared_norm
+from ._distributed import all_reduce_squared_norm
 from .schedule import Phase
-
-
-def all_reduce_flag(finite: bool, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
-    """Agree across ranks on skipping (a sharded gradient may be non-finite on one rank only)."""
-    params = [p for _, _, ps, _ in gathered for p in ps]
-    return all_ranks_true(finite, params)
-
 
 FUSED_DEFAULT_MIN_NUMEL = 2**20
 
@@ -34,6 +27,15 @@ def _default_fused(lw: list[Tensor]) -> bool:
     path there, as in torch.optim.
     """
     return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
+
+
+def compile_failed(exc: BaseException) -> bool:
+    """``exc`` comes from compiling the graph (dynamo's tracing or the backend's compiler), which
+    happens before the graph runs, so nothing was written; an error raised while the compiled graph
+    runs (out of memory, say) is not one of these."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
 
 
 def _wants_native(group: dict[str, Any]) -> bool:
@@ -78,11 +80,11 @@ def native_update(
     gi: int,
     plain: bool,
     params: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     lw: list[Tensor],
     lg: list[Tensor],
     lm: list[Tensor],
-    lv: list[Tensor],
+    lv: list[Tensor] | None,
     alpha: float,
     beta: float,
     *,
@@ -95,7 +97,13 @@ def native_update(
     """One pass of the C kernel for param group ``gi`` (``carried``: the optimizer's record of the
     norm each group's last pass summed). The group norm a regular step needs is the one the
     previous pass summed, if no tensor changed since (same tensors, same version counters);
-    otherwise it is summed afresh (one read of ``w`` and ``v``)."""
+    otherwise it is summed afresh (one read of ``w`` and ``v``). ``vs``/``lv`` ``None``: the lean
+    step (no ``v``, no norm)."""
+    if lv is None:  # lean: both regularizers 0, no v and no norm
+        carried.pop(gi, None)
+        _native.lean_step(lw, lg, lm, phase=phase.value, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return None
+    assert vs is not None
     coef, sq = 0.0, None
     if phase is Phase.NEUMANN:
         last = carried.get(gi)

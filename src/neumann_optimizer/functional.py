@@ -53,6 +53,12 @@ def regularizer_coefficient(r: Tensor, cubic_weight: float | Tensor, repulsive_w
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _need(coef: Tensor | None) -> Tensor:
+    if coef is None:
+        raise ValueError("neumann_update: the regularized (NEUMANN) phase needs coef when vs is given")
+    return coef
+
+
 def _upcast(ts: list[Tensor]) -> list[Tensor]:
     """bfloat16/float16 tensors as float32 copies (others as they are)."""
     return [t.float() if t.dtype in LOW_PRECISION else t for t in ts]
@@ -91,7 +97,7 @@ def _single_tensor_neumann(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     *,
     phase: Phase,
     lr: float,
@@ -99,7 +105,8 @@ def _single_tensor_neumann(
     coef: Tensor | None,
     ema_decay: float,
 ) -> None:
-    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
+    for i, (w, g, m) in enumerate(zip(params, grads, ms, strict=True)):
+        v = vs[i] if vs is not None else None
         if phase is Phase.BURN_IN:
             w.add_(g, alpha=-lr)
             continue
@@ -107,18 +114,18 @@ def _single_tensor_neumann(
             d = g
             torch.mul(g, -lr, out=m)
         else:
-            assert coef is not None
-            d = torch.sub(w, v).mul_(coef).add_(g)
+            d = g if v is None else torch.sub(w, v).mul_(_need(coef)).add_(g)
             m.mul_(momentum).add_(d, alpha=-lr)
         w.add_(m, alpha=momentum).add_(d, alpha=-lr)
-        v.lerp_(w, 1.0 - ema_decay)
+        if v is not None:
+            v.lerp_(w, 1.0 - ema_decay)
 
 
 def _multi_tensor_neumann(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     *,
     phase: Phase,
     lr: float,
@@ -136,22 +143,25 @@ def _multi_tensor_neumann(
         ds = grads
         torch._foreach_copy_(ms, torch._foreach_mul(grads, -lr))
     else:
-        assert coef is not None
-        ds = torch._foreach_sub(params, vs)
-        torch._foreach_mul_(ds, coef)
-        torch._foreach_add_(ds, grads)
+        if vs is None:  # lean: no regularizer, d = g
+            ds = grads
+        else:
+            ds = torch._foreach_sub(params, vs)
+            torch._foreach_mul_(ds, _need(coef))
+            torch._foreach_add_(ds, grads)
         torch._foreach_mul_(ms, momentum)
         torch._foreach_add_(ms, ds, alpha=-lr)
     torch._foreach_add_(params, ms, alpha=momentum)
     torch._foreach_add_(params, ds, alpha=-lr)
-    torch._foreach_lerp_(vs, params, 1.0 - ema_decay)
+    if vs is not None:
+        torch._foreach_lerp_(vs, params, 1.0 - ema_decay)
 
 
 def neumann_update(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     *,
     phase: Phase,
     lr: float,
@@ -165,17 +175,20 @@ def neumann_update(
     """Apply one step of one group in place (see the module docstring for the equations).
 
     ``coef`` is the regularizer coefficient (:func:`regularizer_coefficient`), needed only in
-    the ``NEUMANN`` phase. All lists hold plain (local) real tensors of equal shapes. With
+    the ``NEUMANN`` phase. All lists hold plain (local) real tensors of equal shapes.
+    ``vs=None`` is the lean step of a group whose regularizers are both 0: no ``v`` to read or
+    write, ``d = g`` (Nesterov momentum in the displaced form). With
     ``apply`` (a 0-d bool tensor) the step is written back only where it is true.
 
     bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the compiled
     path does), so the result is within half an ulp of a float64 step instead of accumulating
     one rounding per operation.
     """
-    originals = (params, ms, vs)
+    originals = (params, ms, vs if vs is not None else [])
     low = any(w.dtype in LOW_PRECISION for w in params)
     if low:  # float32 copies of the low-precision tensors (the others as they are)
-        params, grads, ms, vs = (_upcast(ts) for ts in (params, grads, ms, vs))
+        params, grads, ms = (_upcast(ts) for ts in (params, grads, ms))
+        vs = _upcast(vs) if vs is not None else None
     grads = _with_weight_decay(params, grads, weight_decay, foreach)
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
     if apply is not None:  # the compiled path's functional form, written back where ``apply`` holds
@@ -189,7 +202,7 @@ def neumann_update(
         _single_tensor_neumann(params, grads, ms, vs, **kw)
     if low:  # round the float32 results once (burn-in leaves m and v as they were)
         written = originals if phase is not Phase.BURN_IN else originals[:1]
-        for dsts, srcs in zip(written, (params, ms, vs), strict=False):
+        for dsts, srcs in zip(written, (params, ms, vs or []), strict=False):
             for dst, src in zip(dsts, srcs, strict=True):
                 if dst is not src:
                     dst.copy_(src)
@@ -212,7 +225,7 @@ def _fused_body(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     lr: Tensor | float,
     mu: Tensor | float,
     coef: Tensor | float,
@@ -229,19 +242,21 @@ def _fused_body(
 
     With ``reduce_norm`` (Neumann phase, unsharded parameters) the coefficient is computed here
     from ``alpha``, ``beta`` and the group norm, which is returned; otherwise ``coef`` is used as
-    given and nothing is returned. With ``apply`` (a 0-d bool tensor) each new value is written
-    back only where it is true: a step skipped without a host synchronisation (inside
-    ``torch.compile``, where inductor fuses each tensor's expressions into one pass).
+    given and nothing is returned. ``vs=None``: the lean step (no ``v``, ``d = g``). With ``apply``
+    (a 0-d bool tensor) each new value is written back only where it is true: a step skipped
+    without a host synchronisation (inside ``torch.compile``, where inductor fuses each tensor's
+    expressions into one pass).
     """
 
     def put(dst: Tensor, new: Tensor) -> None:
         dst.copy_(new if apply is None else torch.where(apply, new, dst))
 
     sq = None
-    if phase == "neumann" and reduce_norm:
+    if phase == "neumann" and reduce_norm and vs is not None:
         sq = _sq_body(params, vs)
         coef = regularizer_coefficient(sq.sqrt(), alpha, beta).to(sq.dtype)
-    for w, g, m, v in zip(params, grads, ms, vs, strict=True):
+    for i, (w, g, m) in enumerate(zip(params, grads, ms, strict=True)):
+        v = vs[i] if vs is not None else None
         if use_weight_decay:
             g = g + weight_decay * w
         if phase == "burn_in":
@@ -251,13 +266,13 @@ def _fused_body(
             d = g
             m_new = -lr * d
         else:
-            d = g + coef * (w - v)
+            d = g if v is None else g + coef * (w - v)
             m_new = mu * m - lr * d
         w_new = w + mu * m_new - lr * d
-        v_new = v + keep * (w_new - v)  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
         put(m, m_new)
         put(w, w_new)
-        put(v, v_new)
+        if v is not None:
+            put(v, v + keep * (w_new - v))  # lerp(v, w_new, 1 - gamma) = w_new + gamma (v - w_new)
     return sq
 
 
@@ -317,7 +332,7 @@ def fused_neumann_update(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     *,
     phase: Phase,
     lr: float,
@@ -337,8 +352,8 @@ def fused_neumann_update(
     so a changing learning rate does not recompile. Raises whatever compilation raises; the
     optimizer then falls back to the multi-tensor path.
     """
-    reduce_norm = phase is Phase.NEUMANN and coef is None
-    fn = _compiled(_key("step", params, phase.value, weight_decay != 0.0, reduce_norm))
+    reduce_norm = phase is Phase.NEUMANN and coef is None and vs is not None
+    fn = _compiled(_key("step", params, phase.value, weight_decay != 0.0, reduce_norm, vs is None))
     dev = params[0].device
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
 

@@ -6,7 +6,6 @@ step's phase on the host, and hands plain tensors to :mod:`neumann_optimizer.fun
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,7 +14,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _native
 from . import functional as F
 from ._checkpoint import check_state_dict
 from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
@@ -26,6 +24,7 @@ from ._hyperparams import (
     NONFINITE_MODES,
     check_int,
     describe_step,
+    is_lean,
     regularizer_scale,
     regularizer_weights,
     resolve_group,
@@ -33,26 +32,26 @@ from ._hyperparams import (
     upgrade_momentum,
     validate_group,
 )
+from ._nonfinite import DIVERGED_AFTER, DivergedWarning, count_skip, finite_flags, finite_tensor, raise_nonfinite
 from ._paths import (
     FUSED_DEFAULT_MIN_NUMEL,
     _default_fused,
     _native_ok,
     _real,
     _wants_native,
-    all_reduce_flag,
+    compile_failed,
     native_update,
 )
 from .schedule import Phase, next_reset_interval, plan_step, scheduler_wrote_momentum
 
-__all__ = ["FUSED_DEFAULT_MIN_NUMEL", "DivergedWarning", "Neumann", "regularizer_scale", "regularizer_weights"]
-
-# a run of this many consecutive skipped steps gets a DivergedWarning
-DIVERGED_AFTER = 100
-
-
-class DivergedWarning(RuntimeWarning):
-    """Many consecutive steps had non-finite gradients and were skipped: the run has diverged.
-    ``warnings.simplefilter("error", DivergedWarning)`` turns it into an exception."""
+__all__ = [
+    "DIVERGED_AFTER",
+    "FUSED_DEFAULT_MIN_NUMEL",
+    "DivergedWarning",
+    "Neumann",
+    "regularizer_scale",
+    "regularizer_weights",
+]
 
 
 class Neumann(EvaluationWeights, Optimizer):
@@ -298,29 +297,12 @@ class Neumann(EvaluationWeights, Optimizer):
             out.append((gi, idx, ps, gs))
         return out
 
-    def _all_finite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> bool:
-        """One read of every gradient: a sum is finite iff no element is inf or NaN (barring a
-        float overflow of the sum itself, beyond 3e38 in float32). One host synchronisation."""
-        grads = [g for gi, _, _, gs in gathered for g in self._local(gi, gs)]
-        if not grads:
-            return True
-        if all(_wants_native(group) for group in self.param_groups) and _native_ok(grads):
-            return all_reduce_flag(_native.all_finite(grads), gathered)  # one C pass, stops at the first
-        sums = [g.sum(dtype=torch.float32) for g in grads]
-        dev = sums[0].device
-        finite = bool(torch.isfinite(torch.stack([s.to(dev) for s in sums])).all())
-        return all_reduce_flag(finite, gathered)
-
-    def _raise_nonfinite(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> None:
-        for gi, idx, _, gs in gathered:
-            for pi, g in zip(idx, gs, strict=True):
-                if not bool(torch.isfinite(local_tensor(g)).all()):
-                    raise FloatingPointError(f"Neumann: non-finite gradient in {self._param_name(gi, pi)}")
-        raise FloatingPointError("Neumann: non-finite gradient on another rank")
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Apply one step to every parameter that has a gradient; return ``closure()``'s loss."""
+        """Apply one step to every parameter that has a gradient; return ``closure()``'s loss.
+
+        A group none of whose parameters has a gradient is left as it is: its step counter and
+        schedule (burn-in, momentum ramp, resets) advance only with its own gradients."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -330,74 +312,52 @@ class Neumann(EvaluationWeights, Optimizer):
                 "Neumann.step() called in evaluation mode: the parameters hold the evaluation "
                 "weights w - mu m; call optimizer.train() before training again"
             )
-        gathered = self._gather()
-        mode = self.param_groups[0]["nonfinite"] if self.param_groups else "ignore"
-        apply = None
-        if mode == "skip" and torch.compiler.is_compiling():
-            # a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no graph
-            # break; a non-finite step leaves weights and state untouched, but still counts
-            apply = self._finite_tensor(gathered)
-        elif mode != "ignore" and not self._all_finite(gathered):
-            if mode == "raise":
-                self._raise_nonfinite(gathered)
-            self._skipped()
-            return loss
-        for gi, _, params, grads in gathered:
-            self._step_group(gi, params, grads, apply)
-        if mode != "ignore" and self.param_groups[0]["consecutive_skipped_steps"]:
-            for group in self.param_groups:
-                group["consecutive_skipped_steps"] = 0
+        entries = [entry for entry in self._gather() if entry[2]]
+        applies: dict[int, Tensor] = {}
+        checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore"]
+        if torch.compiler.is_compiling():
+            # "skip": a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no
+            # graph break; a non-finite step leaves weights and state untouched, but still counts
+            for gi, _, _, gs in checked:
+                if self.param_groups[gi]["nonfinite"] == "skip":
+                    applies[gi] = finite_tensor(self._local(gi, gs))
+            checked = [e for e in checked if e[0] not in applies]
+        flags = finite_flags(checked, self.param_groups, self._local) if checked else []
+        bad = [e for e, ok in zip(checked, flags, strict=True) if not ok]
+        for entry in bad:  # raise before any group is written
+            if self.param_groups[entry[0]]["nonfinite"] == "raise":
+                raise_nonfinite(entry, self._param_name)
+        skipped = {gi for gi, *_ in bad}
+        for gi in sorted(skipped):
+            count_skip(self.param_groups[gi], gi, len(self.param_groups))
+        for gi, _, params, grads in entries:
+            if gi in skipped:
+                continue
+            self._step_group(gi, params, grads, applies.get(gi))
+            self.param_groups[gi]["consecutive_skipped_steps"] = 0
         return loss
-
-    def _skipped(self) -> None:
-        """Count a skipped step; warn at the 1st, 10th, 100th, ... skip of the run, and once when a
-        run of consecutive skips reaches ``DIVERGED_AFTER`` (a :class:`DivergedWarning`)."""
-        for group in self.param_groups:
-            group["skipped_steps"] += 1
-            group["consecutive_skipped_steps"] += 1
-        total = self.param_groups[0]["skipped_steps"]
-        streak = self.param_groups[0]["consecutive_skipped_steps"]
-        if total == 10 ** round(math.log10(total)):
-            warnings.warn(
-                "Neumann: non-finite gradient, step skipped (weights and state untouched); "
-                f"{total} skipped so far (warned at 1, 10, 100, ... skips; the count is "
-                "param_groups[i]['skipped_steps'])",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if streak == DIVERGED_AFTER:
-            warnings.warn(
-                f"Neumann: {streak} consecutive steps had non-finite gradients and were skipped: the run "
-                "has diverged (lower the learning rate or check the loss); nonfinite='raise' stops at the first",
-                DivergedWarning,
-                stacklevel=3,
-            )
-
-    def _finite_tensor(self, gathered: list[tuple[int, list[int], list[Tensor], list[Tensor]]]) -> Tensor:
-        grads = [g for gi, _, _, gs in gathered for g in self._local(gi, gs)]
-        if not grads:
-            return torch.ones((), dtype=torch.bool)
-        sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
-        return torch.isfinite(sums).all()
 
     def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
         group = self.param_groups[gi]
         if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
-        if params:
-            ms, vs = [], []
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["v"] = p.detach().clone(memory_format=torch.preserve_format)
-                ms.append(state["m"])
-                vs.append(state["v"])
-            lr = float(group["lr"])
-            weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN else None
-            sq = self._update(gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs, apply)
-            self._records[gi] = (plan, lr, sq, weights)
+        lean = is_lean(group)
+        ms, vs = [], []
+        for p in params:
+            state = self.state[p]
+            if "m" not in state:
+                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if lean:
+                state.pop("v", None)  # no regularizer: the step needs no v (memory as SGD's)
+            elif "v" not in state:  # w_0 at the first step; the current weights once a regularizer is on
+                state["v"] = p.detach().clone(memory_format=torch.preserve_format)
+            ms.append(state["m"])
+            vs.append(state.get("v"))
+        lr = float(group["lr"])
+        weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean else None
+        sq = self._update(gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, None if lean else vs, apply)
+        self._records[gi] = (plan, lr, sq, weights, lean)
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
             group["last_momentum"] = plan.momentum
@@ -428,7 +388,7 @@ class Neumann(EvaluationWeights, Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         ms: list[Tensor],
-        vs: list[Tensor],
+        vs: list[Tensor] | None,
         apply: Tensor | None = None,
     ) -> Tensor | float | None:
         """One group's update on the chosen path; returns the squared group norm ``||w - v||^2``
@@ -437,7 +397,8 @@ class Neumann(EvaluationWeights, Optimizer):
         ``apply`` (inside torch.compile): a 0-d bool tensor, the step is written back only where true."""
         group = self.param_groups[gi]
         plain = self._is_plain(gi)
-        lw, lg, lm, lv = (self._local(gi, ts) for ts in (params, grads, ms, vs))
+        lw, lg, lm = (self._local(gi, ts) for ts in (params, grads, ms))
+        lv = self._local(gi, vs) if vs is not None else None  # None: the lean step
         alpha, beta = weights if weights is not None else (0.0, 0.0)
         kwargs = dict(
             phase=phase,
@@ -446,7 +407,7 @@ class Neumann(EvaluationWeights, Optimizer):
             ema_decay=group["ema_decay"],
             weight_decay=group["weight_decay"],
         )
-        if _wants_native(group) and _native_ok(lw, lg, lm, lv):
+        if _wants_native(group) and _native_ok(lw, lg, lm, *([lv] if lv is not None else [])):
             return native_update(self._carried, gi, plain, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
         self._carried.pop(gi, None)  # a step on another path: its norm was not summed
         fused = self._use_fused(group, lw) and apply is None
@@ -457,7 +418,7 @@ class Neumann(EvaluationWeights, Optimizer):
         if fused:
             try:
                 coef = None  # the compiled graph reduces the norm itself ...
-                if phase is Phase.NEUMANN and not plain:  # ... unless shards must be summed first
+                if phase is Phase.NEUMANN and not plain and lv is not None:  # ... unless shards must be summed first
                     sq = all_reduce_squared_norm(F.fused_squared_distance(lw, lv), params)
                     coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
                 # detached aliases of the parameters (same storage): the compiled graph then
@@ -473,11 +434,13 @@ class Neumann(EvaluationWeights, Optimizer):
                     **kwargs,
                 )
                 return sq if sq is not None else reduced
-            except Exception as exc:  # compilation unavailable: fall back for good, loudly
-                self._fused_fallback(exc)
+            except Exception as exc:
+                if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
+                    raise
+                self._fused_fallback(exc)  # compilation failed before anything was written: fall back
             foreach = True
         coef = None
-        if phase is Phase.NEUMANN:
+        if phase is Phase.NEUMANN and lv is not None:
             sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
         F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, apply=apply, **kwargs)
@@ -494,8 +457,8 @@ class Neumann(EvaluationWeights, Optimizer):
 
     def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
         fused = group["fused"]
-        if fused is None:
-            fused = _default_fused(lw)
+        if fused is None:  # an explicit foreach=True or False is honoured, as in torch.optim
+            fused = group["foreach"] is None and _default_fused(lw)
         if not fused or self._fused_failed:
             return False
         if len({(t.device, t.dtype) for t in lw}) != 1 or not lw[0].is_floating_point():
@@ -519,10 +482,10 @@ class Neumann(EvaluationWeights, Optimizer):
         rec = self._records.get(group)
         if rec is None:
             return None
-        plan, lr, sq, weights = rec
+        plan, lr, sq, weights, lean = rec
         if weights is None:  # not needed by the step itself; as they stood at its learning rate
-            weights = regularizer_weights({**self.param_groups[group], "lr": lr})
-        return describe_step(self.param_groups[group]["step"], plan, lr, sq, *weights)
+            weights = (0.0, 0.0) if lean else regularizer_weights({**self.param_groups[group], "lr": lr})
+        return {**describe_step(self.param_groups[group]["step"], plan, lr, sq, *weights), "lean": lean}
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
