@@ -9,6 +9,8 @@ and ``differentiable``/``capturable``/``maximize`` are not.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.optim.lr_scheduler import ExponentialLR, ReduceLROnPlateau, StepLR
 from torch.testing._internal.common_optimizers import (
@@ -107,6 +109,13 @@ def neumann_error_inputs(device: str | torch.device = "cpu", dtype: torch.dtype 
     ]
 
 
+def _known(kwargs: dict) -> dict:
+    """The keyword arguments this torch's ``OptimizerInfo`` knows (older releases lack some, e.g.
+    ``has_capturable_arg`` before 2.5; their defaults there describe us the same way)."""
+    params = inspect.signature(OptimizerInfo.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 neumann_optim_info = OptimizerInfo(
     Neumann,
     optim_inputs_func=neumann_inputs,
@@ -118,11 +127,15 @@ neumann_optim_info = OptimizerInfo(
         [lambda opt: StepLR(opt, gamma=0.9, step_size=2), lambda opt: ExponentialLR(opt, gamma=0.95)],
     ),
     supported_impls=("foreach", "fused"),
-    supports_fused_on=("cpu", "cuda"),
-    supports_complex=True,
-    supports_sparse=False,
-    has_capturable_arg=False,
-    step_requires_closure=False,
-    supports_param_groups=True,
-    supports_multiple_devices=True,
+    **_known(
+        dict(
+            supports_fused_on=("cpu", "cuda"),
+            supports_complex=True,
+            supports_sparse=False,
+            has_capturable_arg=False,
+            step_requires_closure=False,
+            supports_param_groups=True,
+            supports_multiple_devices=True,
+        )
+    ),
 )
