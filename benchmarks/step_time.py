@@ -11,7 +11,8 @@ starts with one untimed step per optimizer. Neumann is timed
 in its regular (regularized) phase, the most expensive one. A memory-bandwidth figure measured in
 the same run (``a = b + s * c`` over a large buffer) converts times into implied bytes moved per
 parameter: a Neumann or Adam step must move at least 28 bytes per float32 parameter (read g, w,
-m, v; write w, m, v). This is a benchmark, not a test: nothing here asserts.
+m, v; write w, m, v), a lean Neumann step (both regularizers 0) or an SGD(nesterov) step 20 (read
+g, w, m; write w, m). This is a benchmark, not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class CompiledGraph(Neumann):
 
 def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     neu = dict(lr=1e-3, burn_in_steps=0, reset_steps=10**9, momentum_ramp_steps=1)
+    lean = dict(neu, cubic_weight=0.0, repulsive_weight=0.0)
     kernel = " [CPU kernel]" if device == "cpu" and _native.available() else " [compiled graph]"
     impls: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "Adam(fused=True)": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
@@ -87,6 +89,9 @@ def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, 
         ),
         "Neumann(foreach=False)": lambda: Neumann(params, foreach=False, fused=False, **neu),
         "Neumann() default": lambda: Neumann(params, **neu),
+        # the lean step (both regularizers 0): no v, no norm; its floor is fused SGD(nesterov)
+        "Neumann lean (cubic=repulsive=0)" + kernel: lambda: Neumann(params, fused=True, **lean),
+        "Neumann lean, foreach=True": lambda: Neumann(params, foreach=True, fused=False, **lean),
     }
     if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
         impls["Neumann(fused=True) [compiled graph]"] = lambda: CompiledGraph(params, fused=True, **neu)

@@ -172,3 +172,23 @@ def test_parameters_changed_between_steps_meet_a_fresh_norm_in_both_front_ends()
         np.testing.assert_allclose(w_jax, ref.w, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: JAX")
         np.testing.assert_allclose(flat(problem.params[0]), ref.w, rtol=0, atol=1e-9, err_msg=f"step {k + 1}: torch")
     assert edited and opt.step_record()["distance"] > 0
+
+
+def test_lean_forms_agree_and_neither_keeps_v():
+    """Both regularizers 0: the PyTorch class's lean step and neumann-optax's lean form follow one
+    trajectory, and neither keeps v."""
+    problem = ElementwiseProblem([[(5,), (2, 3)]], 4)
+    hp = dict(burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2.0, cubic_weight=0.0, repulsive_weight=0.0)
+    opt = Neumann(problem.params[0], lr=0.05, **hp)
+    tx = neumann_optax.neumann(0.05, **hp)
+    params = [jnp.asarray(w) for w in problem.w0[0]]
+    state = tx.init(params)
+    for _ in range(12):
+        problem.set_grads()
+        opt.step()
+        u, state = tx.update([jnp.asarray(p.grad.numpy()) for p in problem.params[0]], state, params)
+        params = optax.apply_updates(params, u)
+    for w, p in zip(params, problem.params[0], strict=True):
+        np.testing.assert_allclose(np.asarray(w), p.detach().numpy(), rtol=1e-12, atol=1e-12)
+        assert set(opt.state[p]) == {"m"}
+    assert state.v is None

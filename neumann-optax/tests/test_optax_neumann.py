@@ -101,6 +101,20 @@ def test_reduces_to_nesterov_sgd_without_regularizers():
     p_sgd, _ = run(optax.sgd(lr, momentum=mu, nesterov=True), params, loss, steps, jit=False)
     np.testing.assert_allclose(flat(p_neu), flat(p_sgd), rtol=0, atol=1e-12)
     assert float(st.last_momentum) == mu
+    assert st.v is None  # the lean form: both weights the number 0, no v kept
+
+
+def test_lean_form_keeps_no_v_unless_the_weights_are_injected():
+    """Weights given as the number 0: no v and the same updates as weights injected as arrays
+    (which keep v, as the state's shapes are fixed when the transformation is built)."""
+    params, loss = problem(2)
+    kw = dict(burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2.0, cubic_weight=0.0, repulsive_weight=0.0)
+    p_lean, st_lean = run(neumann(0.05, **kw), params, loss, 12, jit=True)
+    injected = optax.inject_hyperparams(neumann)(0.05, **kw)
+    p_inj, st_inj = run(injected, params, loss, 12, jit=True)
+    assert st_lean.v is None and st_inj.inner_state.v is not None
+    np.testing.assert_allclose(flat(p_lean), flat(p_inj), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(flat(st_lean.m), flat(st_inj.inner_state.m), rtol=1e-6, atol=1e-6)
 
 
 def test_evaluation_params_is_w_minus_mu_m_and_pure():

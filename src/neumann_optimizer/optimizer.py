@@ -101,7 +101,9 @@ class Neumann(EvaluationWeights, Optimizer):
             (``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum=True``) thereby sets the ``mu``
             of the next step, and from its first write on the group follows it, not the ramp.
         momentum_ramp_steps: ``tau`` of the momentum ramp (unused with a constant momentum).
-        cubic_weight: ``alpha``, weight of the cubic regularizer ``alpha/3 ||w - v||^3``.
+        cubic_weight: ``alpha``, weight of the cubic regularizer ``alpha/3 ||w - v||^3``. With it and
+            ``repulsive_weight`` both 0 a group takes the lean step: no ``v`` in its state and no
+            norm (``d = g``); switching either on later starts ``v`` from the weights of that step.
         repulsive_weight: ``beta / n``, weight of the repulsive term ``beta / ||w - v||``. Default 0
             (no repulsive term): **the one default that leaves the paper**, whose Table 1 has 1e-5;
             pass ``repulsive_weight=1e-5`` for the paper's algorithm exactly. As the learning rate
@@ -114,10 +116,12 @@ class Neumann(EvaluationWeights, Optimizer):
             (our variants, not the paper's) scale ``alpha`` and ``beta`` by ``lr / reference_lr``
             or ``(lr / reference_lr) ** p``, the learning rate's ratio to its value when the group
             was created, so the regularizers decay with the learning-rate schedule.
-        nonfinite: what to do when a gradient holds inf or NaN: ``"skip"`` (default) leaves
-            weights and state untouched and counts the step in ``param_groups[i]["skipped_steps"]``
+        nonfinite: what to do when a group's gradients hold inf or NaN (each group by its own
+            value and its own gradients): ``"skip"`` (default) leaves that group's weights and
+            state untouched (the other groups step) and counts it in ``param_groups[i]["skipped_steps"]``
             (warning at the 1st, 10th, 100th, ... skip, and once with a :class:`DivergedWarning`
-            when 100 steps in a row were skipped); ``"raise"`` raises naming the parameter;
+            when 100 steps in a row were skipped); ``"raise"`` raises naming the parameter, before
+            any group is written;
             ``"ignore"`` does no check (fastest, no host synchronisation). Inside ``torch.compile``
             ``"skip"`` checks with a tensor (no graph break): a non-finite step writes nothing
             back but still counts as a step.
@@ -129,7 +133,9 @@ class Neumann(EvaluationWeights, Optimizer):
             bit-identical to a run without evaluations). For models whose weights do not fit
             twice in memory.
         foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
-            all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``).
+            all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``). An
+            explicit ``True`` or ``False`` is honoured: the fused paths then run only if
+            ``fused=True``.
         fused: one pass over the tensors per step. On CPU (float32 or float64, contiguous) a small C
             kernel of ours (``_native.c``, compiled at first use with the system C compiler and
             OpenMP, about a second, cached on disk) that also sums the norm ``||w - v||`` the next
@@ -142,9 +148,12 @@ class Neumann(EvaluationWeights, Optimizer):
             does not compile, inside ``torch.compile``) one ``torch.compile``d graph: the group norm
             (one read of ``w`` and ``v``), then the update; it compiles on the first step of each
             phase (tens of seconds on CPU for a 100-tensor model, cached on disk) and falls back to
-            the multi-tensor path with a warning where compilation fails. ``None`` (default): the
-            CPU kernel wherever it applies and ``foreach`` is not given; else the compiled graph for
-            CPU groups of at least 2^20 scalars; else ``foreach``'s choice.
+            the multi-tensor path with a warning where compilation fails (before anything is
+            written); an error while the compiled graph runs propagates, leaving parameters and
+            state as it found them (the step counters not advanced). ``None`` (default): the
+            CPU kernel wherever it applies and ``foreach`` is not given; else, ``foreach`` not given
+            either, the compiled graph for CPU groups of at least 2^20 scalars; else ``foreach``'s
+            choice.
             ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the CPU kernel off.
     """
 
@@ -477,7 +486,9 @@ class Neumann(EvaluationWeights, Optimizer):
         and ``repulsive_weight_total`` (alpha and beta as applied, schedules included),
         ``coefficient`` (c = alpha r - beta / r^3, so the regularizer's displacement is ``c x``),
         ``repulsive_force`` (beta / r^2, the norm of the repulsive term of ``d``) and
-        ``cubic_force`` (alpha r^2). Not saved in ``state_dict()``.
+        ``cubic_force`` (alpha r^2), and ``lean`` (True where both regularizers were 0: the step
+        kept no ``v`` and did not compute the norm, so ``distance`` and the forces are ``None``).
+        Not saved in ``state_dict()``.
         """
         rec = self._records.get(group)
         if rec is None:

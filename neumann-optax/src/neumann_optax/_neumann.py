@@ -41,7 +41,7 @@ class NeumannState(NamedTuple):
     last_momentum: jax.Array  # mu of the last step (0 during burn-in)
     reference_lr: jax.Array  # the learning rate of the first step
     m: optax.Params  # the Neumann iterate
-    v: optax.Params  # the moving average of the weights
+    v: optax.Params | None  # the moving average of the weights; None in the lean form (both weights 0)
 
 
 def _is_concrete(x: Any) -> bool:
@@ -164,6 +164,11 @@ def neumann(
     per-subtree norms (PyTorch's parameter groups) wrap it in ``optax.partition``. The
     transformation does not check for inf/NaN: wrap it in ``optax.apply_if_finite`` to skip such
     steps (PyTorch's ``nonfinite="skip"``). Evaluate and export :func:`evaluation_params`.
+
+    With ``cubic_weight`` and ``repulsive_weight`` both given as the number 0, the state holds no
+    ``v`` (``state.v is None``) and no norm is computed: the lean form, as the PyTorch class's lean
+    step. The state's shapes are fixed when the transformation is built; hyperparameters injected
+    as arrays (``optax.inject_hyperparams``) keep ``v``.
     """
     kw = dict(
         learning_rate=learning_rate,
@@ -186,6 +191,8 @@ def neumann(
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
         return jnp.asarray(lr, dtype=_float())
 
+    lean = all(_is_concrete(kw[k]) and kw[k] == 0 for k in ("cubic_weight", "repulsive_weight"))
+
     def init_fn(params: optax.Params) -> NeumannState:
         leaves = jax.tree.leaves(params)
         if any(jnp.iscomplexobj(x) for x in leaves):
@@ -197,7 +204,7 @@ def neumann(
             last_momentum=jnp.zeros([], _float()),
             reference_lr=lr_at(jnp.zeros([], jnp.int32)),
             m=jax.tree.map(jnp.zeros_like, params),
-            v=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
+            v=None if lean else jax.tree.map(lambda p: jnp.array(p, copy=True), params),
         )
 
     def update_fn(
@@ -222,18 +229,20 @@ def neumann(
         if not (_is_concrete(wd) and wd == 0):  # coupled L2, as torch.optim.SGD
             grads = jax.tree.map(lambda g, w: g + jnp.asarray(wd, _acc(w)).astype(w.dtype) * w, updates, params)
         # the regularizer: r over the whole tree, its coefficient c = alpha r - beta / r^3
-        sq = sum(
-            (jnp.sum(jnp.square((w - v).astype(_acc(w)))).astype(f) for w, v in _pairs(params, state.v)),
-            start=jnp.zeros([], f),
-        )
-        r = jnp.sqrt(sq)
-        n = sum(x.size for x in jax.tree.leaves(params))
-        scale = _regularizer_scale(kw["regularizer_schedule"], lr, state.reference_lr)
-        alpha = scale * jnp.asarray(kw["cubic_weight"], f)
-        beta = scale * jnp.asarray(kw["repulsive_weight"], f) * n
-        ok = jnp.logical_and(regular, jnp.logical_and(jnp.isfinite(r), r > 0))
-        safe_r = jnp.where(ok, r, jnp.ones([], f))
-        coef = jnp.where(ok, alpha * safe_r - beta / (safe_r * safe_r * safe_r), jnp.zeros([], f))
+        coef = jnp.zeros([], f)
+        if state.v is not None:
+            sq = sum(
+                (jnp.sum(jnp.square((w - v).astype(_acc(w)))).astype(f) for w, v in _pairs(params, state.v)),
+                start=jnp.zeros([], f),
+            )
+            r = jnp.sqrt(sq)
+            n = sum(x.size for x in jax.tree.leaves(params))
+            scale = _regularizer_scale(kw["regularizer_schedule"], lr, state.reference_lr)
+            alpha = scale * jnp.asarray(kw["cubic_weight"], f)
+            beta = scale * jnp.asarray(kw["repulsive_weight"], f) * n
+            ok = jnp.logical_and(regular, jnp.logical_and(jnp.isfinite(r), r > 0))
+            safe_r = jnp.where(ok, r, jnp.ones([], f))
+            coef = jnp.where(ok, alpha * safe_r - beta / (safe_r * safe_r * safe_r), coef)
         # Every phase as one elementwise form with scalar factors (no array-sized selects):
         #   d = g + c (w - v);  m' = a m - b d;  w' = w + mu m' - lr d;  v' = v + k (w' - v)
         # burn-in: c = 0, a = 1, b = 0 (m stays 0), mu = 0, k = 0 (v stays w_0)
@@ -245,23 +254,28 @@ def neumann(
         # The norm's reduction and the update as two passes. Left to itself, XLA's CPU compiler
         # fused them and ran the step 2-3x slower (benchmarks/optax_step_time.py); a barrier on
         # the parameters too (which optax.apply_updates reads again) cost as much.
-        coef, grads, m_b, v_b = jax.lax.optimization_barrier((coef, grads, state.m, state.v))
-        params_b = params
-
-        def leaf(g: jax.Array, w: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-            t_ = _acc(w)
-            g_, w_, m_, v_ = (x.astype(t_) for x in (g, w, m, v))
-            c_, a_, b_, mu_, lr_, k_ = (x.astype(t_) for x in (coef, a, b, mu, lr, k))
-            d = g_ + c_ * (w_ - v_)
-            m_new = a_ * m_ - b_ * d
-            delta = mu_ * m_new - lr_ * d
-            v_new = v_ + k_ * ((w_ + delta) - v_)
-            return delta.astype(w.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
-
         treedef = jax.tree.structure(params)
-        leaves = (jax.tree.leaves(x) for x in (grads, params_b, m_b, v_b))
-        out = [leaf(*xs) for xs in zip(*leaves, strict=True)]
-        deltas, ms, vs = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(3))
+        if state.v is None:  # lean: d = g, no v (one pass, nothing to keep apart)
+            g_l, w_l, m_l = (jax.tree.leaves(x) for x in (grads, params, state.m))
+            lean_out = [_lean_leaf(g, w, m, a, b, mu, lr) for g, w, m in zip(g_l, w_l, m_l, strict=True)]
+            deltas, ms = (jax.tree.unflatten(treedef, [o[i] for o in lean_out]) for i in range(2))
+            vs = None
+        else:
+            coef, grads, m_b, v_b = jax.lax.optimization_barrier((coef, grads, state.m, state.v))
+
+            def leaf(g: jax.Array, w: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+                t_ = _acc(w)
+                g_, w_, m_, v_ = (x.astype(t_) for x in (g, w, m, v))
+                c_, a_, b_, mu_, lr_, k_ = (x.astype(t_) for x in (coef, a, b, mu, lr, k))
+                d = g_ + c_ * (w_ - v_)
+                m_new = a_ * m_ - b_ * d
+                delta = mu_ * m_new - lr_ * d
+                v_new = v_ + k_ * ((w_ + delta) - v_)
+                return delta.astype(w.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+            leaves = (jax.tree.leaves(x) for x in (grads, params, m_b, v_b))
+            out = [leaf(*xs) for xs in zip(*leaves, strict=True)]
+            deltas, ms, vs = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(3))
 
         growth = jnp.asarray(kw["reset_growth"], f)
         grown = jnp.maximum(1, jnp.floor(growth * state.reset_interval.astype(f)).astype(jnp.int32))
@@ -277,6 +291,15 @@ def neumann(
         return deltas, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _lean_leaf(g: jax.Array, w: jax.Array, m: jax.Array, *scalars: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One leaf of the lean form: ``d = g``, ``m' = a m - b d``, ``delta = mu m' - lr d``."""
+    t_ = _acc(w)
+    a_, b_, mu_, lr_ = (x.astype(t_) for x in scalars)
+    d = g.astype(t_)
+    m_new = a_ * m.astype(t_) - b_ * d
+    return (mu_ * m_new - lr_ * d).astype(w.dtype), m_new.astype(m.dtype)
 
 
 def _float() -> Any:
