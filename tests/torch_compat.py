@@ -42,7 +42,8 @@ LIBRARY_TESTS = [
     "test_core_imports.py",
     "test_distributed.py",
 ]
-TEST_TOOLS = ["numpy", "pytest", "hypothesis", "expecttest", "tensorboard"]
+TEST_TOOLS = ["numpy", "pytest", "pytest-timeout", "hypothesis", "expecttest", "tensorboard"]
+TEST_TIMEOUT_S = 300  # per test: a hang (a collective that never returns) fails that test only
 
 
 def _env_python(venvs: Path, version: str) -> Path:
@@ -51,10 +52,10 @@ def _env_python(venvs: Path, version: str) -> Path:
     python = d / "bin" / "python"
     if not python.exists():
         venv.create(d, with_pip=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pin:
-            pin.write(f"torch=={version}\n")  # nothing may move torch off the version under test
-        cmd = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", "-c", pin.name]
-        subprocess.run([*cmd, f"torch=={version}", *TEST_TOOLS], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pin:
+        pin.write(f"torch=={version}\n")  # nothing may move torch off the version under test
+    cmd = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", "-c", pin.name]
+    subprocess.run([*cmd, f"torch=={version}", *TEST_TOOLS], check=True)  # quick once it is all there
     return python
 
 
@@ -76,7 +77,7 @@ def check(version: str, venvs: Path, log_dir: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
     tests = [str(ROOT / "tests" / t) for t in LIBRARY_TESTS]
     proc = subprocess.run(
-        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *tests],
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", f"--timeout={TEST_TIMEOUT_S}", *tests],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..optimizer import DivergedWarning, Neumann
+from neumann_optimizer import Neumann
+from neumann_optimizer.optimizer import DivergedWarning
+
 from .tasks import Dataset, has_batchnorm, make_model
 
 PAPER_REPULSIVE_WEIGHT = 1e-5  # beta / n of the paper's Table 1
@@ -314,7 +316,7 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
     monitor = _RegularizerMonitor() if (is_neumann and cfg.get("track_regularizer")) else None
     adaptive = None
     if cfg["optimizer"] == "neumann-adaptive":
-        from ..diagnostics import AdaptiveMomentum
+        from .adaptive import AdaptiveMomentum
 
         adaptive = AdaptiveMomentum(opt, every=cfg.get("adaptive_every") or steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg["seed"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from neumann_optimizer.repro import critical_batch as cb
 from neumann_optimizer.repro.common import Settings
 from neumann_optimizer.repro.runner import Runner

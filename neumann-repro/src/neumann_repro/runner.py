@@ -5,13 +5,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
-import math
 import multiprocessing
 import os
-import statistics
 import sys
-from collections import defaultdict
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -20,8 +16,6 @@ import torch
 
 from .tasks import Dataset, load_task
 from .train import run
-
-CHANCE_ERROR = 90.0  # a diverged run counts as chance level (10 classes) when tuning
 
 
 def config_key(cfg: dict[str, Any]) -> str:
@@ -186,58 +180,3 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     except ImportError:  # pragma: no cover
         return _NoBar()
     return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------- aggregation
-def final(res: dict[str, Any], metric: str = "test_error") -> float:
-    """The last epoch's metric; chance error for a diverged run."""
-    if res["diverged"] or not res["history"]:
-        return CHANCE_ERROR if metric.endswith("error") else math.inf
-    value = res["history"][-1][metric]
-    return value if math.isfinite(value) else CHANCE_ERROR
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation; the deviation of one value is unknown (nan), so a
-    single seed never passes for a noiseless result."""
-    v = list(values)
-    if not v:
-        return math.nan, math.nan
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else math.nan)
-
-
-def by(results: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
-    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        out[tuple(r["config"].get(k) for k in keys)].append(r)
-    return dict(out)
-
-
-def mean_curve(results: list[dict[str, Any]], metric: str = "test_error") -> list[float]:
-    """Mean over seeds of a per-epoch metric (diverged epochs count as chance)."""
-    epochs = max(len(r["history"]) for r in results)
-    n = max(r["config"]["epochs"] for r in results)
-    curve = []
-    for e in range(max(epochs, n)):
-        vals = []
-        for r in results:
-            h = r["history"]
-            vals.append(h[e][metric] if e < len(h) and math.isfinite(h[e][metric]) else CHANCE_ERROR)
-        curve.append(statistics.fmean(vals))
-    return curve
-
-
-def epochs_to_reach(curve: list[float], target: float) -> int | None:
-    for e, v in enumerate(curve, start=1):
-        if v <= target:
-            return e
-    return None
-
-
-def fmt(mean: float, std: float) -> str:
-    """``mean ± std``, or the mean alone where there is no spread to show (one seed)."""
-    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"

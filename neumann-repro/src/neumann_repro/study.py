@@ -1,4 +1,12 @@
-"""What every study shares: its settings, configs, figures and how it writes its results."""
+"""What a study is: its entry in the registry, the settings it runs under, its configs and how it
+writes its results.
+
+A study is one module under ``neumann_repro.studies`` that declares one :class:`Study`: a ``run``
+that trains (through the runner's cache) and returns its table after writing a *payload*
+(``{"study", "meta", "runs"}``, the data), a ``render`` that turns a payload into a table, a
+summary and plots without training, and a ``verdict`` that reads the summary. ``neumann-repro
+report`` runs only the renderers, on the committed payloads in ``docs/results/``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,19 @@ from .runner import Runner
 
 Payload = dict[str, Any]
 Rendered = tuple[str, dict[str, Any]]  # (markdown table, summary the verdict reads)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study's one entry in the registry (``neumann_repro.registry``)."""
+
+    name: str  # the subcommand, and the results file docs/results/NAME.json
+    help: str  # what it runs (and what --quick runs instead)
+    full_cost_core_minutes: int | None  # training time of the committed full results, by the runs' clocks
+    claim: tuple[str, str]  # (where in the paper, what the paper claims)
+    run: Callable[[Runner, Settings], str]
+    render: Callable[[Payload, Path], Rendered]
+    verdict: Callable[[dict[str, Any]], str]
 
 
 @dataclass
@@ -50,34 +71,6 @@ def base_cfg(**kw: Any) -> dict[str, Any]:
     return cfg
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def epoch_axis(ax: Any) -> None:
-    """Whole-epoch ticks on an epoch axis (never 2.5)."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def spread(n_seeds: int) -> str:
-    """How a table's errors are summarised: a mean and standard deviation needs two seeds."""
-    return "mean ± std" if n_seeds > 1 else "one seed, so no spread"
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-
-
 def finish(runner: Runner, s: Settings, payload: Payload, render: Callable[[Payload, Path], Rendered]) -> str:
     """Render the payload into ``OUT/STUDY`` (results.json, table.md, PNGs); with the documented
     settings also write it to the runner's results directory (``docs/results/STUDY.json``)."""
@@ -93,7 +86,7 @@ def finish(runner: Runner, s: Settings, payload: Payload, render: Callable[[Payl
     return table
 
 
-def _cells(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def cells_of(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         out.setdefault(r["cell"], []).append(r)

@@ -15,41 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import Settings
+from .registry import studies as registered_studies
 from .report import has_results, write_report
 from .runner import Runner
-from .studies import STUDIES
+from .study import Settings, Study
 from .train import SCHEDULES
 
-ALL_ORDER = [
-    "compare",
-    "seeds",
-    "ablation",
-    "batch-scaling",
-    "curvature",
-    "regularizers",
-    "critical-batch",
-    "architectures",
-]
 
-
-def _studies() -> dict:
-    from .architectures import architectures
-    from .critical_batch import critical_batch
-    from .curvature import curvature
-    from .regularizers import regularizers
-
-    return {
-        **STUDIES,
-        "curvature": curvature,
-        "regularizers": regularizers,
-        "critical-batch": critical_batch,
-        "architectures": architectures,
-    }
-
-
-def _full_cost(name: str) -> str:
-    minutes = FULL_COST_CORE_MINUTES.get(name)
+def _full_cost(study: Study | None) -> str:
+    minutes = study.full_cost_core_minutes if study is not None else None
     if minutes is None:
         return ""
     return (
@@ -91,41 +65,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--data-dir is only read with --task cifar10")
 
 
-# core-minutes of training in the committed full results (docs/results/*.json, the runs' own clocks)
-FULL_COST_CORE_MINUTES = {
-    "compare": 43,
-    "seeds": 1,
-    "ablation": 11,
-    "batch-scaling": 130,
-    "curvature": 2,
-    "regularizers": 184,
-    "critical-batch": 117,
-    "architectures": 206,
-}
-
-STUDY_HELP = {
-    "compare": "Table 2: Neumann vs SGD+Nesterov, Adam, RMSprop (and adaptive mu) at batch 128, each tuned "
-    "by the tuning protocol, on the MNIST-1D 4k and 36k sets (quick: the 4k set, 20 epochs, 1 seed).",
-    "batch-scaling": "Table 3 / Figure 3: batch 64 to 1,024 at 50 epochs on MNIST-1D 36k; Neumann (default and "
-    "paper's regularizers) vs SGD+Nesterov, AdamW, LARS, LAMB, every cell tuned (quick: 4k set, batches 64 and "
-    "256, 6 epochs with a 1-epoch burn-in).",
-    "ablation": "Table 4: Neumann without regularizers, without burn-in, with lr-scaled regularizers, and SGD, "
-    "at a fixed lr on MNIST-1D 4k (CNN and MLP; quick: CNN, 15 epochs).",
-    "seeds": "Appendix C: the spread of final errors over 10 seeds for Neumann and SGD (quick: 2 seeds).",
-    "curvature": "Figure 4: Lanczos estimates of the mini-batch Hessian's extreme eigenvalues along a Neumann run "
-    "(CNN on MNIST-1D 4k; quick: 6 epochs with a 1-epoch burn-in).",
-    "regularizers": "The late loss: final vs best test error along the run for the paper's regularizers "
-    "and variants, cosine and the paper's schedule, batch 128 and 1,024, MNIST-1D 4k and 36k, width 256 and 1,024 "
-    "(quick: 4k set, batch 128, 12 epochs, both schedules).",
-    "critical-batch": "Steps to a target validation error versus batch size (16 to 4,096 on MNIST-1D 36k, MLP), "
-    "every point tuned over a ladder of step budgets and learning rates, for Neumann (default and paper's "
-    "regularizers), SGD+Nesterov, AdamW, LARS and LAMB; each optimizer's critical batch size and the gradient "
-    "noise scale (quick: 4k set, batches 32 and 256, short budgets).",
-    "architectures": "Beyond the MLP: a BatchNorm convnet (also with RMSprop), a GRU with and without gradient "
-    "clipping (the paper's Section 4.4) and a small transformer on MNIST-1D 4k (the transformer also on 36k), "
-    "Neumann (default and paper's regularizers) vs SGD+Nesterov and AdamW, each tuned; then batch-scaling on the "
-    "convnet, batch 128 to 1,024 on MNIST-1D 36k with LARS and LAMB (quick: 3-epoch runs with a 1-epoch burn-in, "
-    "fewer rows).",
+# the two subcommands that are not studies (each study's help is in its entry)
+COMMAND_HELP = {
     "all": "Every study in turn, then the report (about 6 hours with two cores; resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
@@ -153,7 +94,7 @@ def _check_writable(p: argparse.ArgumentParser, flag: str, path: Path, is_dir: b
         p.error(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
-def _parser(studies: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one subparser per study, each with only the options it reads."""
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--out", type=Path, default=Path("runs"), help="output directory and run cache (default: runs/)")
@@ -206,9 +147,9 @@ def _parser(studies: dict) -> tuple[argparse.ArgumentParser, dict[str, argparse.
             + ([train, task] if name != "report" else [])
             + ([report] if name in ("all", "report") else [])
         )
-        subs[name] = sub.add_parser(
-            name, parents=parents, help=STUDY_HELP[name], description=STUDY_HELP[name] + _full_cost(name)
-        )
+        entry = studies.get(name)
+        text = entry.help if entry is not None else COMMAND_HELP[name]
+        subs[name] = sub.add_parser(name, parents=parents, help=text, description=text + _full_cost(entry))
     return p, subs
 
 
@@ -219,7 +160,7 @@ ABSENT_OPTIONS = dict(
 
 
 def main(argv: list[str] | None = None) -> int:
-    studies = _studies()
+    studies = registered_studies()
     top, subs = _parser(studies)
     args = top.parse_args(argv)
     for name, default in ABSENT_OPTIONS.items():
@@ -235,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict) -> int:
+def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict[str, Study]) -> int:
     _check(p, args)
     settings = Settings(quick=args.quick, seeds=args.seeds, epochs=args.epochs, schedule=args.schedule)
     if args.task:
@@ -250,7 +191,7 @@ def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict) -
         _check_writable(p, "--out", args.out, is_dir=True)
     if writes_report:
         _check_writable(p, "--report", args.report, is_dir=False)
-    names = ALL_ORDER if args.study == "all" else ([] if args.study == "report" else [args.study])
+    names = list(studies) if args.study == "all" else ([] if args.study == "report" else [args.study])
     if names:
         runner = Runner(
             args.out,
@@ -263,7 +204,7 @@ def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict) -
         try:
             for name in names:
                 t0 = time.perf_counter()
-                table = studies[name](runner, settings)
+                table = studies[name].run(runner, settings)
                 print(table)
                 print(f"[{name}: {time.perf_counter() - t0:.0f} s; results in {args.out / name}]", flush=True)
         finally:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .runner import Runner, final, mean_std
+from .runner import Runner
+from .runs import final, mean_std
 
 
 def lr_at(i: int) -> float:

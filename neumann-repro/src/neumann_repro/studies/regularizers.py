@@ -15,9 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .common import Payload, Rendered, Settings, _cells, _plt, base_cfg, epoch_axis, finish, save_figure, spread
-from .runner import Runner, final, fmt, mean_curve, mean_std
-from .tuning import Protocol, summarize, tune
+from ..plotting import epoch_axis, pyplot, save_figure
+from ..runner import Runner
+from ..runs import final, mean_curve, mean_std
+from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
+from ..tables import fmt, spread
+from ..tuning import Protocol, summarize, tune
+from ..verdicts import noise
 
 # name -> (label, the Neumann arguments that differ from the paper's Table 1)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -97,7 +101,7 @@ def regularizers(runner: Runner, s: Settings) -> str:
 
 
 def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return 2 * math.sqrt(a["test_std"] ** 2 / max(a["seeds"], 1) + b["test_std"] ** 2 / max(b["seeds"], 1))
+    return noise(a, b, "test_mean", "test_std", "seeds")
 
 
 def cell_summary(runs: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
@@ -148,7 +152,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
     protocol = Protocol(**meta["protocol"])
     wide_protocol = Protocol(**meta["wide_protocol"])
     labels = {k: v["label"] for k, v in meta["variants"].items()}
-    rows = _rows(_cells(payload["runs"]), protocol, wide_protocol)
+    rows = _rows(cells_of(payload["runs"]), protocol, wide_protocol)
     lines = [
         "# regularizers: does Neumann keep its best quality to the end of the run?\n",
         "Every cell tuned by the tuning protocol (the wide cell: a 3-rate grid, no refinement), then "
@@ -237,7 +241,7 @@ def _default_rule(rows: dict[str, dict[str, dict[str, Any]]], labels: dict[str, 
 
 
 def _plot(rows: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], labels: dict[str, str], out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = list(rows)
     fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 9), squeeze=False, sharex="col")
     for j, cname in enumerate(names):
@@ -254,3 +258,34 @@ def _plot(rows: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], labe
         epoch_axis(axes[2][j])
     axes[0][0].legend(fontsize=6)
     save_figure(fig, out / "regularizers.png")
+
+
+def verdict(summ: dict[str, Any]) -> str:
+    """The rule-based verdict from the summary :func:`render_regularizers` returns (rule: ``verdicts``)."""
+    chosen = summ.get("chosen")
+    cells = sorted({k.rsplit("/", 1)[0] for k in summ if k != "chosen"})
+    paper = [summ[f"{c}/paper"]["late_loss"] for c in cells if f"{c}/paper" in summ]
+    out = f"the paper's regularizers give back {min(paper):+.2f} to {max(paper):+.2f} points late in the run"
+    if chosen:
+        late = [summ[f"{c}/{chosen}"]["late_loss"] for c in cells if f"{c}/{chosen}" in summ]
+        out += f"; the default chosen by the rule ({chosen}) at most {max(late):+.2f}"
+    return out + ": **the late loss is the paper's repulsive term**" if chosen == "no-repulsive" else out
+
+
+STUDY = Study(
+    name="regularizers",
+    help=(
+        "The late loss: final vs best test error along the run for the paper's regularizers "
+        "and variants, cosine and the paper's schedule, batch 128 and 1,024, MNIST-1D 4k and 36k, width 256 and 1,024 "
+        "(quick: 4k set, batch 128, 12 epochs, both schedules)."
+    ),
+    full_cost_core_minutes=184,
+    claim=(
+        "Section 3.2, Table 1",
+        "The repulsive term keeps the iterate away from the moving average and starts to dominate when the "
+        "learning rate becomes small; the paper's constant alpha and beta are used throughout training.",
+    ),
+    run=regularizers,
+    render=render_regularizers,
+    verdict=verdict,
+)

@@ -1,0 +1,20 @@
+"""The optimizers the studies compare: their names in configs, their labels in tables and plots,
+and which of them are baselines."""
+
+from __future__ import annotations
+
+# "neumann": the paper's Table 1 (configs without a repulsive_weight name the paper's, as every run
+# committed before the default changed); "neumann-default": the library's default, no repulsive term
+LABELS = {
+    "neumann": "Neumann, paper's regularizers",
+    "neumann-default": "Neumann (default: no repulsive term)",
+    "neumann-lr": "Neumann, regularizers scaled with lr (ours)",
+    "neumann-adaptive": "Neumann, adaptive mu (ours)",
+    "sgd": "SGD+Nesterov",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "rmsprop": "RMSprop",
+    "lars": "LARS",
+    "lamb": "LAMB",
+}
+BASELINES = ("sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
