@@ -12,7 +12,7 @@
 - ``--ckpt DIR`` saves a ``torch.distributed.checkpoint`` after every epoch; rerunning the same
   command resumes from it.
 - Data: MNIST-1D generated offline (``--task mnist1d-80k``, default) or CIFAR-10 from
-  ``--data-dir`` (python-pickle format, never downloaded). Needs the ``[repro]`` extra.
+  ``--data-dir`` (python-pickle format, never downloaded). Needs the reproduction (``pip install ./neumann-repro``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from neumann_repro.tasks import has_batchnorm, load_task, make_model
 from torch import nn
 
 from neumann_optimizer import Neumann
-from neumann_optimizer.repro.tasks import has_batchnorm, load_task, make_model
 
 
 def parse() -> argparse.Namespace:

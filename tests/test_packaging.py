@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -24,7 +25,12 @@ pytestmark = pytest.mark.slow
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.message.Message]:
+def _build_and_install(
+    source: Path, tmp: Path, venv_python: Path | None = None
+) -> tuple[Path, Path, email.message.Message]:
+    """Build ``source``'s wheel in ``tmp/wheels`` and install it into a fresh virtual environment
+    (or into the one of ``venv_python``)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     wheels = tmp / "wheels"
     subprocess.run(
         [
@@ -47,9 +53,12 @@ def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.messa
     (wheel,) = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=ENV)
-    python = venv / "bin" / "python"
+    if venv_python is None:
+        venv = tmp / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=ENV)
+        python = venv / "bin" / "python"
+    else:
+        python = venv_python
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
         check=True,
@@ -65,7 +74,8 @@ def _build_and_install(source: Path, tmp: Path) -> tuple[Path, Path, email.messa
             text=True,
         ).stdout.strip()
     )
-    # the dependencies (torch, jax, optax) from this environment, after the wheel's own files
+    # the dependencies (torch, jax, optax) from this environment, after the wheel's own files; the
+    # test environment's editable installs (the source tree) are left out
     (site / "zz_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python, site, meta
 
@@ -74,10 +84,24 @@ def _requires(meta: email.message.Message) -> list[str]:
     return [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
 
 
+def _wheel_files(tmp: Path) -> list[str]:
+    (wheel,) = (tmp / "wheels").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        return z.namelist()
+
+
 def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
     python, site, meta = _build_and_install(ROOT, tmp_path)
     assert meta["Name"] == "neumann-optimizer"
-    assert _requires(meta) == ["torch>=2.13"], _requires(meta)  # torch only; the rest are extras
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert _requires(meta) == declared and declared[0].startswith("torch>="), _requires(meta)  # torch only
+    files = _wheel_files(tmp_path)
+    # the optimizer alone: no study code, no reproduction extra, no command
+    assert not [f for f in files if "repro" in f], [f for f in files if "repro" in f]
+    assert not [f for f in files if f.endswith("entry_points.txt")]
+    assert "repro" not in (meta.get_all("Provides-Extra") or [])
+    code_files = sorted(f for f in files if f.startswith("neumann_optimizer/"))
+    assert "neumann_optimizer/optimizer.py" in code_files and "neumann_optimizer/_native.c" in code_files
     code = (
         "import torch, neumann_optimizer as n\n"
         f"assert n.__file__.startswith({str(site)!r}), n.__file__\n"
@@ -90,6 +114,7 @@ def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
         "    opt.step()\n"
         "assert opt.param_groups[0]['step'] == 4\n"
         f"assert n.__version__ == {meta['Version']!r}, n.__version__\n"
+        "assert sorted(n.__all__) == ['Neumann', '__version__', 'eval_state_dict'], n.__all__\n"
         "print('OK', n.__version__)\n"
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
@@ -122,3 +147,25 @@ def test_neumann_optax_wheel_installs_without_torch(tmp_path):
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_neumann_repro_wheel_installs_the_command(tmp_path):
+    """The reproduction is a distribution of its own: its wheel, beside the library's, installs the
+    ``neumann-repro`` command, which runs from the fresh environment."""
+    lib_python, _, _ = _build_and_install(ROOT, tmp_path / "lib")
+    python, site, meta = _build_and_install(ROOT / "neumann-repro", tmp_path / "repro", venv_python=lib_python)
+    assert meta["Name"] == "neumann-repro"
+    names = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in _requires(meta))
+    assert names == ["matplotlib", "mnist1d", "neumann-optimizer", "numpy", "pytorch-optimizer", "tqdm"], names
+    assert not [f for f in _wheel_files(tmp_path / "repro") if f.startswith("neumann_optimizer/")]
+    command = python.parent / "neumann-repro"
+    res = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=ENV)
+    assert res.returncode == 0 and "critical-batch" in res.stdout, res.stderr[-3000:]
+    where = subprocess.run(
+        [str(python), "-c", "import neumann_repro, neumann_optimizer as n; print(neumann_repro.__file__, n.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=ENV,
+    ).stdout.split()
+    assert where and all(w.startswith(str(site)) for w in where), where  # both from the wheels, not the tree

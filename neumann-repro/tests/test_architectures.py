@@ -11,10 +11,9 @@ import pytest
 pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 
-from neumann_optimizer.repro import architectures as arch
-from neumann_optimizer.repro.__main__ import main
-from neumann_optimizer.repro.common import Settings
-from neumann_optimizer.repro.report import verdict
+from neumann_repro.cli import main
+from neumann_repro.studies import architectures as arch
+from neumann_repro.study import Settings
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_batchnorm_variants_and_gradient_scales_are_reported(quick):
         assert d == pytest.approx(math.log10(max(vals) / min(vals)))
         assert summary[f"{fam}/burn_in_share"] == pytest.approx(1 / 2)
     assert "steps clipped" in table and "end: not recomputed" in table and "batch 512" in table
-    text = verdict("architectures", summary)
+    text = arch.verdict(summary)
     assert "cnn: Neumann (default)" in text and "burn-in 50% of the run" in text and "CNN batch scaling" in text
 
 

@@ -20,13 +20,14 @@ pytest.importorskip("mnist1d")
 
 import contextlib
 
-from neumann_optimizer.repro import runner as runner_mod
-from neumann_optimizer.repro import tuning as tuning_mod
-from neumann_optimizer.repro.__main__ import STUDY_HELP, _studies, main
-from neumann_optimizer.repro.common import Settings
-from neumann_optimizer.repro.tasks import load_task
+from neumann_repro import runner as runner_mod
+from neumann_repro import tuning as tuning_mod
+from neumann_repro.cli import COMMAND_HELP, main
+from neumann_repro.registry import studies as _studies
+from neumann_repro.study import Settings
+from neumann_repro.tasks import load_task
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (docs/results)
 
 
 def _one_line_error(capsys) -> str:
@@ -76,7 +77,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "neumann_optimizer.repro",
+        "neumann_repro",
         "compare",
         "--quick",
         "--epochs",
@@ -112,7 +113,9 @@ def test_every_study_has_its_own_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         out = " ".join(capsys.readouterr().out.split())
-        assert " ".join(STUDY_HELP[name].split())[:60] in out
+        entry = _studies().get(name)
+        text = entry.help if entry is not None else COMMAND_HELP[name]
+        assert " ".join(text.split())[:60] in out
 
 
 def test_help_is_plain_text_with_only_the_options_a_study_reads(capsys):
@@ -139,14 +142,14 @@ def test_a_studys_error_shows_its_own_usage(capsys):
 
 
 def test_jobs_default_to_the_cores():
-    from neumann_optimizer.repro.__main__ import _parser
+    from neumann_repro.cli import _parser
 
     _, subs = _parser(_studies())
     assert subs["compare"].parse_args([]).jobs == (os.cpu_count() or 1)
 
 
 def _seeds_quick(out: Path, results: Path, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "neumann_optimizer.repro", "seeds", "--quick", "--jobs", "1"]
+    cmd = [sys.executable, "-m", "neumann_repro", "seeds", "--quick", "--jobs", "1"]
     cmd += ["--out", str(out), "--results", str(results), "--no-progress"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
@@ -225,7 +228,7 @@ def test_quick_studies_reach_the_neumann_phase(study, tmp_path, monkeypatch):
     runner = runner_mod.Runner(tmp_path, progress=False)
     # the stub's results do not always render; the configs are what is checked
     with contextlib.suppress(KeyError, ValueError, TypeError, IndexError, ZeroDivisionError):
-        _studies()[study](runner, Settings(quick=True))
+        _studies()[study].run(runner, Settings(quick=True))
     neumann = [c for c in seen if c["optimizer"].startswith("neumann")]
     assert neumann
     for c in neumann:
@@ -236,7 +239,7 @@ def test_quick_studies_reach_the_neumann_phase(study, tmp_path, monkeypatch):
 
 
 def test_quick_curvature_traces_the_neumann_phase(monkeypatch, tmp_path):
-    from neumann_optimizer.repro import curvature as curv
+    from neumann_repro.studies import curvature as curv
 
     seen = {}
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from neumann_optimizer.repro import critical_batch as cb
-from neumann_optimizer.repro.common import Settings
-from neumann_optimizer.repro.runner import Runner
+from neumann_repro.runner import Runner
+from neumann_repro.studies import critical_batch as cb
+from neumann_repro.study import Settings
 
 S_MIN, B_NOISE, BEST_LR = 300.0, 256.0, {"sgd": 0.3, "adamw": 3e-3}
 

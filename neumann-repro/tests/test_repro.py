@@ -15,10 +15,10 @@ import torch
 pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 
-from neumann_optimizer.repro import runner as runner_mod
-from neumann_optimizer.repro.__main__ import main
-from neumann_optimizer.repro.tasks import load_cifar10, load_task, make_model
-from neumann_optimizer.repro.tuning import Protocol, lr_at, lr_index, summarize, tune
+from neumann_repro import runner as runner_mod
+from neumann_repro.cli import main
+from neumann_repro.tasks import load_cifar10, load_task, make_model
+from neumann_repro.tuning import Protocol, lr_at, lr_index, summarize, tune
 
 
 def _no_training(monkeypatch):
@@ -234,7 +234,7 @@ def test_cifar10_needs_data_dir(tmp_path):
 
 def test_committed_report_is_what_the_committed_results_render_to(tmp_path, monkeypatch):
     """docs/REPRODUCTION.md is a pure function of docs/results/*.json (and the hand-written notes)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository root
     docs = tmp_path / "docs"
     docs.mkdir()
     shutil.copyfile(root / "docs" / "reproduction_notes.md", docs / "reproduction_notes.md")
@@ -247,7 +247,7 @@ def test_committed_report_is_what_the_committed_results_render_to(tmp_path, monk
 
 
 def _tiny_data(n: int = 256):
-    from neumann_optimizer.repro.tasks import Dataset
+    from neumann_repro.tasks import Dataset
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 40, generator=g)
@@ -256,7 +256,7 @@ def _tiny_data(n: int = 256):
 
 
 def test_gru_and_transformer_models_read_a_1d_signal():
-    from neumann_optimizer.repro.tasks import MODELS, PatchTransformer
+    from neumann_repro.tasks import MODELS, PatchTransformer
 
     d = _tiny_data()
     for name in MODELS:
@@ -271,7 +271,7 @@ def test_gru_and_transformer_models_read_a_1d_signal():
 
 
 def test_clipping_is_counted_and_changes_the_run():
-    from neumann_optimizer.repro.train import run
+    from neumann_repro.train import run
 
     d = _tiny_data()
     cfg = dict(task="tiny", model="gru", optimizer="neumann", lr=0.1, batch=20, epochs=2, seed=0, warmup_epochs=0)
@@ -284,7 +284,7 @@ def test_clipping_is_counted_and_changes_the_run():
 
 
 def test_batchnorm_evaluation_variants_are_recorded_for_neumann():
-    from neumann_optimizer.repro.train import run
+    from neumann_repro.train import run
 
     d = _tiny_data()
     cfg = dict(task="tiny", model="cnn", optimizer="neumann", lr=0.1, batch=20, epochs=3, seed=0, warmup_epochs=0)

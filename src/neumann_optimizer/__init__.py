@@ -4,10 +4,9 @@ from importlib import metadata as _metadata
 
 import torch
 
-from .idealized import neumann_outer_step
 from .optimizer import Neumann
 
-__all__ = ["Neumann", "__version__", "eval_state_dict", "neumann_outer_step"]
+__all__ = ["Neumann", "__version__", "eval_state_dict"]
 
 try:  # the installed distribution's version (pyproject.toml), never a second copy of it
     __version__ = _metadata.version("neumann-optimizer")

@@ -257,6 +257,22 @@ def sizes(tensors: list[Tensor]) -> ctypes.Array:
     return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
 
 
+_VERSIONS_OF_LISTS = True  # torch.autograd.graph.increment_version takes a list (torch >= 2.5)
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """Bump the version counters of tensors the kernel wrote, as an in-place torch op would."""
+    global _VERSIONS_OF_LISTS
+    if _VERSIONS_OF_LISTS:
+        try:
+            torch.autograd.graph.increment_version(tensors)
+            return
+        except (RuntimeError, TypeError):  # torch < 2.5: one tensor at a time
+            _VERSIONS_OF_LISTS = False
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
 def step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -291,7 +307,7 @@ def step(
         weight_decay,
         torch.get_num_threads(),
     )
-    torch.autograd.graph.increment_version(params if phase == "burn_in" else [*params, *ms, *vs])
+    _bump_versions(params if phase == "burn_in" else [*params, *ms, *vs])
     return float(sq)
 
 
@@ -321,7 +337,7 @@ def lean_step(
         weight_decay,
         torch.get_num_threads(),
     )
-    torch.autograd.graph.increment_version(params if phase == "burn_in" else [*params, *ms])
+    _bump_versions(params if phase == "burn_in" else [*params, *ms])
 
 
 def squared_distance(params: list[Tensor], vs: list[Tensor]) -> float:
