@@ -15,6 +15,8 @@ from torch import nn
 
 from neumann_optimizer import Neumann
 
+_TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 WORLD = 2
@@ -175,6 +177,8 @@ def _resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-fused", "fsdp2-compiled"])
 def test_matches_single_process_full_batch(engine, capsys):
+    if engine.startswith("fsdp2") and _TORCH < (2, 8):
+        pytest.skip("FSDP2 on CPU fails inside torch before 2.8 (seen on 2.6: CPU streams lack record_event)")
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_worker, args=(engine, init_file, tmp), nprocs=WORLD, join=True)

@@ -1,4 +1,5 @@
-"""The README's quick start is the example file, and it trains."""
+"""The README's commands and quick start, the integration snippets (docs/INTEGRATIONS.md) and the
+JAX example (neumann-optax/README.md) run as written."""
 
 from __future__ import annotations
 
@@ -43,9 +44,8 @@ def test_ci_runs_the_readme_commands():
 
 
 def _integration_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Using it with Lightning, HF Trainer and Accelerate", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    text = (ROOT / "docs" / "INTEGRATIONS.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def _run_block(code: str, tmp_path, monkeypatch) -> tuple[dict, str]:
@@ -110,7 +110,7 @@ def test_readme_hf_optimizer_cls_and_kwargs_works(tmp_path, monkeypatch):
         "trainer.train()\n"
     )
     assert 'optimizer_cls_and_kwargs=(Neumann, {"lr": 0.1, "steps_per_epoch": steps_per_epoch})' in (
-        ROOT / "README.md"
+        ROOT / "docs" / "INTEGRATIONS.md"
     ).read_text().replace("\n", " ")
     scope, _ = _run_block(code, tmp_path, monkeypatch)
     from neumann_optimizer import Neumann
@@ -128,9 +128,9 @@ def test_readme_accelerate_snippet_trains_and_saves_evaluation_weights(tmp_path,
 
 
 def test_readme_jax_block_runs_and_learns():
-    """The README's JAX example, run as written: loss at the evaluation weights below chance's."""
+    """neumann-optax's README example, run as written: loss at the evaluation weights below chance's."""
     pytest.importorskip("optax")
-    section = (ROOT / "README.md").read_text().split("## JAX: `neumann-optax`", 1)[1]
+    section = (ROOT / "neumann-optax" / "README.md").read_text().split("## In full", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
