@@ -294,3 +294,48 @@ def test_the_watch_example_logs_and_draws(tmp_path):
     assert max(v for _, v in _scalars(tmp_path / "paper")["neumann/repulsive_to_grad"]) > 0
     assert max(v for _, v in _scalars(tmp_path / "default")["neumann/repulsive_to_grad"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "default", "paper"]  # nothing stray
+
+
+class _Recorder:
+    """Anything with ``add_scalar(tag, value, step)`` is a writer."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if tag == "neumann/lr":
+            self.steps.append(step)
+
+
+def test_logs_continue_after_a_resume(tmp_path):
+    """The x-axis is the optimizer's own step count: a run resumed from a checkpoint at step 12
+    logs 15, 20, ... and not 3, 8, ... again."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    kw = dict(lr=0.1, burn_in_steps=2, reset_steps=4, momentum_ramp_steps=2)
+    opt = Neumann(model.parameters(), **kw)
+    first = _Recorder()
+    log = log_step_records(opt, first, every_n_steps=5)
+    x = torch.randn(8, 4)
+    for _ in range(12):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    log.remove()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    resumed = Neumann(model.parameters(), **kw)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    second = _Recorder()
+    log_step_records(resumed, second, every_n_steps=5)
+    for _ in range(10):
+        resumed.zero_grad()
+        model(x).pow(2).mean().backward()
+        resumed.step()
+    assert first.steps == [5, 10] and second.steps == [15, 20]
+
+
+def test_log_step_records_refuses_what_is_not_a_writer():
+    opt = Neumann(nn.Linear(2, 2).parameters(), lr=0.1, burn_in_steps=1, reset_steps=2, momentum_ramp_steps=1)
+    with pytest.raises(TypeError, match="add_scalar"):
+        log_step_records(opt, None)
+    assert not opt._optimizer_step_post_hooks  # nothing was hooked

@@ -417,3 +417,13 @@ def test_bfloat16_parameters_track_float32():
     for a, b in zip(m32.parameters(), m16.parameters(), strict=True):
         assert b.dtype == torch.bfloat16 and o16.state[b]["m"].dtype == torch.bfloat16
         torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.05)
+
+
+def test_a_newcomers_mistakes_get_our_message():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"pass model\.parameters\(\)"):
+        Neumann(model, lr=0.1, steps_per_epoch=10)
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=2)
+    with pytest.raises(ValueError, match=r"got a DataLoader; pass len\(train_loader\)") as e:
+        Neumann(model.parameters(), lr=0.1, steps_per_epoch=loader)
+    assert "object at 0x" not in str(e.value)

@@ -137,3 +137,70 @@ def test_readme_jax_block_runs_and_learns():
         exec(compile(code, "README-jax", "exec"), {"__name__": "__readme__"})
     loss = float(re.search(r"evaluation weights: ([0-9.]+)", out.getvalue()).group(1))
     assert loss < 1.0  # log(10) = 2.30 at chance
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README (and of the docs it sends readers to) names a file that
+    exists, and every #anchor a heading of that file."""
+    for doc in ("README.md", "docs/WHEN_TO_USE.md", "docs/INTEGRATIONS.md", "neumann-repro/README.md"):
+        path = ROOT / doc
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), (doc, target)
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, (doc, target)
+
+
+def test_readme_first_screen_answers_should_i_use_it():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    first = "\n".join(lines[:60])
+    for heading in ("## Set up (two commands)", "## Should you use it?", "## Quick start"):
+        assert heading in first, heading
+    assert "lr=0.3" in first and "What its default is" in first
+    assert len(lines) <= 270
+
+
+def test_should_you_use_it_numbers_come_from_the_rendered_results():
+    """Each number of the README's table is in docs/REPRODUCTION.md, which `neumann-repro report`
+    renders from the committed results (a test holds that file to them)."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Should you use it?", 1)[1].split("\n## ", 1)[0]
+    report = (ROOT / "docs" / "REPRODUCTION.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| [")]
+    assert len(rows) >= 8
+    for row in rows:
+        cells = row.split("|")[2:4]  # Neumann (default), best baseline
+        for number in re.findall(r"\d[\d,]*\.\d+(?: ± \d+\.\d+)?|\d{1,3},\d{3}", " ".join(cells)):
+            assert number in report, (number, row)
+
+
+def test_readme_noise_scale_example_runs():
+    import torch
+
+    from neumann_optimizer import Neumann
+
+    section = (ROOT / "README.md").read_text().split("## Watching it train", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    x, y = torch.randn(512, 10), torch.randint(0, 3, (512,))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    scope = {
+        "torch": torch,
+        "model": model,
+        "opt": Neumann(model.parameters(), lr=0.1, steps_per_epoch=4),
+        "loader": torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=128),
+    }
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README-noise-scale", "exec"), scope)
+    assert scope["acc"].steps == 4 and "B_simple ~" in out.getvalue()

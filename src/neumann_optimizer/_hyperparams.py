@@ -70,6 +70,9 @@ def resolve_group(group: dict[str, Any], gi: int, defaults: dict[str, Any], expl
 
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):  # a DataLoader, a dataset
+            hint = "len(train_loader)" if name.startswith("steps_per_epoch") else "a number"
+            raise ValueError(f"Neumann: {name} must be an int >= {minimum}, got a {type(value).__name__}; pass {hint}")
         raise ValueError(f"Neumann: {name} must be an int >= {minimum}, got {value!r}")
 
 

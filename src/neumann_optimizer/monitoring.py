@@ -1,6 +1,7 @@
 """Watch Neumann train: its own quantities as scalars for the loggers people read.
 
-Every ``every_n_steps`` calls of ``optimizer.step()``, a step post-hook turns each parameter
+Every ``every_n_steps`` steps (the optimizer's own step count, saved in its state dict, so the
+logs of a resumed run continue where its checkpoint stopped), a step post-hook turns each parameter
 group's :meth:`~neumann_optimizer.Neumann.step_record` into plain floats (one device
 synchronisation on that step, none on the others) and hands them to a sink:
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PHASES", "StepLog", "log_step_records", "step_metrics"]
+__all__ = ["PHASES", "StepLog", "log_step_records", "step_metrics", "steps_taken"]
 
 PHASES = {"burn_in": 0.0, "reset": 1.0, "neumann": 2.0}
 Sink = Callable[[dict[str, float], int], None]
@@ -73,11 +74,19 @@ def step_metrics(optimizer: Any, prefix: str = "neumann") -> dict[str, float]:
     return out
 
 
+def steps_taken(optimizer: Any) -> int:
+    """The optimizer's own count of its steps, the logs' x-axis: over its groups, the most steps a
+    group applied or skipped. It is saved in ``state_dict()``, so after ``load_state_dict`` the
+    logs go on from where the checkpoint stopped."""
+    return max((g["step"] + g["skipped_steps"] for g in optimizer.param_groups), default=0)
+
+
 class StepLog:
-    """A step post-hook on ``optimizer`` that, every ``every_n_steps`` calls of ``step()``,
-    computes :func:`step_metrics` and passes them, with the call count, to ``sink``; the last
-    ones stay in :attr:`latest`. :meth:`remove` takes the hook off. Nothing runs on the other
-    steps but a counter."""
+    """A step post-hook on ``optimizer`` that, on every step whose count (:func:`steps_taken`, the
+    optimizer's own, so it continues after a resume) is a multiple of ``every_n_steps``, computes
+    :func:`step_metrics` and passes them, with that count, to ``sink``; the last ones stay in
+    :attr:`latest`. :meth:`remove` takes the hook off. Nothing runs on the other steps but a
+    comparison."""
 
     def __init__(self, optimizer: Any, every_n_steps: int = 50, sink: Sink | None = None, prefix: str = "neumann"):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -95,14 +104,15 @@ class StepLog:
 
     def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.calls += 1
-        if self.calls % self.every_n_steps:
+        step = steps_taken(optimizer)
+        if step % self.every_n_steps or (self.latest is not None and self.latest[0] == step):
             return
         metrics = step_metrics(optimizer, self.prefix)
         if not metrics:
             return
-        self.latest = (self.calls, metrics)
+        self.latest = (step, metrics)
         if self.sink is not None:
-            self.sink(metrics, self.calls)
+            self.sink(metrics, step)
 
     def take(self) -> dict[str, float] | None:
         """The latest metrics if :meth:`take` has not returned them yet, else ``None``: for a
@@ -118,7 +128,8 @@ class StepLog:
 
 def log_step_records(optimizer: Any, writer: Any, every_n_steps: int = 50, prefix: str = "neumann") -> StepLog:
     """Write :func:`step_metrics` to ``writer`` (a ``SummaryWriter``: ``add_scalar(tag, value,
-    step)``) every ``every_n_steps`` calls of ``optimizer.step()``, the call count as the step.
+    step)``) every ``every_n_steps`` steps, the optimizer's own step count (:func:`steps_taken`) as
+    the step, so a resumed run's logs continue where the checkpoint stopped.
 
     .. code-block:: python
 
@@ -127,6 +138,11 @@ def log_step_records(optimizer: Any, writer: Any, every_n_steps: int = 50, prefi
         ...  # train as usual
         log.remove()
     """
+
+    if not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            f"log_step_records: writer must have add_scalar(tag, value, step) (a SummaryWriter), got {writer!r}"
+        )
 
     def sink(metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():

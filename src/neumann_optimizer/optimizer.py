@@ -178,6 +178,11 @@ class Neumann(EvaluationWeights, Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(
+                f"Neumann: params is a {type(params).__name__} module; pass model.parameters() "
+                "(or model.named_parameters(), or a list of parameter groups)"
+            )
         if steps_per_epoch is not None:
             check_int("steps_per_epoch", steps_per_epoch, 1)
         if nonfinite not in NONFINITE_MODES:
