@@ -99,10 +99,12 @@ def _slug(name: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--out", type=Path, default=Path("runs/watch"))
-    ap.add_argument("--png", type=Path, default=None, help="default: OUT/neumann-curves.png")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--epochs", type=int, default=40, help="epochs of each run (default: 40)")
+    ap.add_argument("--out", type=Path, default=Path("runs/watch"), help="TensorBoard logs (default: runs/watch)")
+    ap.add_argument("--png", type=Path, default=None, help="the picture (default: OUT/neumann-curves.png)")
     args = ap.parse_args()
     data = make_dataset(get_dataset_args())  # generated locally, nothing is downloaded
     for name, extra in RUNS.items():

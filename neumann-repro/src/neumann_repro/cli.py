@@ -9,6 +9,7 @@ docs/REPRODUCTION.md and its plots without training. Every finished run is cache
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from .registry import studies as registered_studies
 from .report import has_results, write_report
 from .runner import Runner
 from .study import Settings, Study
+from .tasks import MNIST1D_SIZES
 from .train import SCHEDULES
 
 
@@ -36,7 +38,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad input with one line (``neumann-repro: error: ...``, exit status 2) before any work."""
     import torch
 
-    from .tasks import MNIST1D_SIZES, cifar10_missing
+    from .tasks import cifar10_missing
 
     if args.epochs is not None and args.epochs < 1:
         p.error(f"--epochs must be a positive number of epochs, got {args.epochs}")
@@ -72,6 +74,27 @@ COMMAND_HELP = {
 }
 
 
+def _verdict(study: Study, results: Path, settings: Settings) -> str:
+    """The study's rule-based verdict on what it just wrote (the report's, for these runs)."""
+    summary = json.loads(results.read_text()).get("summary", {}) if results.is_file() else {}
+    note = settings.note()
+    return f"[verdict (rule-based{'; ' + note if note else ''}): {study.verdict(summary)}]"
+
+
+def _served(name: str, served: dict[str, int], args: argparse.Namespace) -> str:
+    """Where a study's runs came from, and how to train them afresh when none was trained."""
+    trained, cache, committed = served["trained"], served["cache"], served["committed"]
+    line = f"[{name}: {trained} runs trained, {cache} from the run cache ({args.out / 'cache'})"
+    line += f", {committed} from the committed results ({args.results})]"
+    if trained == 0 and committed:
+        line += (
+            f"\n[nothing was trained: the table above renders the committed results; to train them again, "
+            f"run with an empty results directory and run cache, e.g. --results {args.out / 'fresh-results'} "
+            f"--out {args.out / 'fresh'}]"
+        )
+    return line
+
+
 def _check_writable(p: argparse.ArgumentParser, flag: str, path: Path, is_dir: bool) -> None:
     """Fail with one line when ``path`` (a directory, or a file's parent) cannot be written."""
     target = path if is_dir else path.parent
@@ -102,11 +125,21 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
         "--results",
         type=Path,
         default=Path("docs/results"),
-        help="committed results of the full studies: read as a cache, written by full runs, read by 'report'",
+        help="committed results of the full studies: read as a cache, written by full runs, read by 'report' "
+        "(default: docs/results)",
     )
-    which = argparse.ArgumentParser(add_help=False)  # which runs: what a study trains, what 'report' reads
-    which.add_argument("--quick", action="store_true", help="a minute-scale version of the study")
-    which.add_argument("--epochs", type=int, default=None, help="override every study's epoch budget")
+    quick = argparse.ArgumentParser(add_help=False)
+    quick.add_argument(
+        "--quick", action="store_true", help="a quick smoke run (at most about a minute; not the documented result)"
+    )
+    report_quick = argparse.ArgumentParser(add_help=False)
+    report_quick.add_argument(
+        "--quick", action="store_true", help="render the quick runs under --out instead of the committed results"
+    )
+    which = argparse.ArgumentParser(add_help=False)  # what a study trains
+    which.add_argument(
+        "--epochs", type=int, default=None, help="override every study's epoch budget (default: each study's own)"
+    )
     which.add_argument(
         "--schedule",
         choices=SCHEDULES,
@@ -116,22 +149,27 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
     )
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
-    train.add_argument("--device", default="cpu", help="cpu or cuda")
+    train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     cores = os.cpu_count() or 1
     train.add_argument(
         "--jobs", type=int, default=cores, help=f"runs trained at once, one core each (default: the {cores} cores)"
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
     task = argparse.ArgumentParser(add_help=False)
     task.add_argument(
         "--task",
         default=None,
-        help="replace the MNIST-1D set of every run (4k and 36k alike), e.g. cifar10 with --data-dir",
+        choices=[*MNIST1D_SIZES, "cifar10"],
+        help="replace the MNIST-1D set of every run (4k and 36k alike); cifar10 needs --data-dir "
+        "(default: each study's own sets)",
     )
     task.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
     report = argparse.ArgumentParser(add_help=False)
     report.add_argument(
-        "--report", type=Path, default=Path("docs/REPRODUCTION.md"), help="where the reproduction report is written"
+        "--report",
+        type=Path,
+        default=Path("docs/REPRODUCTION.md"),
+        help="where the reproduction report is written (default: docs/REPRODUCTION.md)",
     )
     p = argparse.ArgumentParser(
         prog="neumann-repro",
@@ -143,9 +181,9 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
     subs = {}
     for name in [*studies, "all", "report"]:
         parents = (
-            [where, which]
-            + ([train, task] if name != "report" else [])
-            + ([report] if name in ("all", "report") else [])
+            [where, report_quick, report]
+            if name == "report"
+            else [where, quick, which, train, task] + ([report] if name == "all" else [])
         )
         entry = studies.get(name)
         text = entry.help if entry is not None else COMMAND_HELP[name]
@@ -155,14 +193,24 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
 
 # what a subcommand without the option (report has no training options, studies no --report) reads
 ABSENT_OPTIONS = dict(
-    seeds=None, device="cpu", jobs=1, no_progress=False, task=None, data_dir=None, report=Path("docs/REPRODUCTION.md")
+    seeds=None,
+    device="cpu",
+    jobs=1,
+    no_progress=False,
+    task=None,
+    data_dir=None,
+    report=Path("docs/REPRODUCTION.md"),
+    epochs=None,
+    schedule="cosine",
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     studies = registered_studies()
     top, subs = _parser(studies)
-    args = top.parse_args(argv)
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # in the study's own words: its usage line, not the top-level one
+        subs[args.study].error(f"unrecognized arguments: {' '.join(unknown)}")
     for name, default in ABSENT_OPTIONS.items():
         args.__dict__.setdefault(name, default)
     try:
@@ -204,9 +252,14 @@ def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict[st
         try:
             for name in names:
                 t0 = time.perf_counter()
+                before = dict(runner.served)
                 table = studies[name].run(runner, settings)
                 print(table)
                 print(f"[{name}: {time.perf_counter() - t0:.0f} s; results in {args.out / name}]", flush=True)
+                served = {k: runner.served[k] - before[k] for k in before}
+                if any(served.values()):
+                    print(_served(name, served, args), flush=True)
+                print(_verdict(studies[name], args.out / name / "results.json", settings), flush=True)
         finally:
             runner.close()
     if writes_report:

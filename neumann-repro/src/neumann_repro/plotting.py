@@ -1,9 +1,54 @@
-"""Figures: matplotlib without a display, whole-epoch axes, and how a figure is saved."""
+"""Figures: one colour and marker per optimizer in every figure, matplotlib without a display,
+whole-epoch and batch-size axes, and how a figure is saved (with the quick-run warning in its title)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# the palette, defined once: an optimizer (a row of optimizers.LABELS) has this colour in every figure
+COLORS = {
+    "neumann-default": "tab:blue",
+    "neumann": "tab:orange",
+    "neumann-lr": "tab:olive",
+    "neumann-adaptive": "tab:cyan",
+    "sgd": "tab:green",
+    "adam": "tab:red",
+    "adamw": "tab:purple",
+    "rmsprop": "tab:brown",
+    "lars": "tab:pink",
+    "lamb": "black",
+}
+MARKERS = {"neumann-default": "o", "neumann": "s", "sgd": "^", "adamw": "D", "lars": "v", "lamb": "x", "adam": "<"}
+BAND = "gold"  # shaded ranges (never an optimizer's colour)
+QUICK_NOTE = "quick smoke run: not the documented result"
+_quick = False
+
+
+def style(name: str) -> dict[str, Any]:
+    """Colour, marker and line style of optimizer ``name`` (Neumann's rows solid, baselines dashed)."""
+    return dict(color=COLORS.get(name), marker=MARKERS.get(name, "o"), ls="-" if name.startswith("neumann") else "--")
+
+
+@contextmanager
+def quick_run(quick: bool) -> Iterator[None]:
+    """Inside: every saved figure says in its title that it comes from a quick smoke run."""
+    global _quick
+    before, _quick = _quick, quick
+    try:
+        yield
+    finally:
+        _quick = before
+
+
+def batch_axis(ax: Any, batches: list[int]) -> None:
+    """A log batch-size axis labelled at the batch sizes alone (no minor labels such as 3x10^1)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def pyplot() -> Any:
@@ -25,6 +70,8 @@ def epoch_axis(ax: Any) -> None:
 
 def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _quick:
+        fig.suptitle(QUICK_NOTE, color="tab:red", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)

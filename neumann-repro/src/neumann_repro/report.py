@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .registry import studies
-from .study import Settings
+from .study import Settings, render_payload
 
 PROTOCOL = """\
 ## Tuning protocol (compare and batch-scaling)
@@ -93,7 +93,7 @@ def write_report(
             lines += ["Not run yet.", ""]
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            table, summary = entry.render(payload, Path(tmp))
+            table, summary = render_payload(entry.render, payload, Path(tmp))
             pngs = sorted(Path(tmp).glob("*.png"))
             for png in pngs:
                 shutil.copyfile(png, img / f"{study}-{png.name}")

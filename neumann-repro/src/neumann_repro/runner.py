@@ -51,6 +51,8 @@ class Runner:
         self.progress = progress
         self.cache_dir = self.out / "cache"  # created by the first run that stores a result
         self._pool: ProcessPoolExecutor | None = None  # worker processes, kept across rounds
+        # where the runs of this runner came from: trained now, the run cache, the committed results
+        self.served = {"trained": 0, "cache": 0, "committed": 0}
 
     def close(self) -> None:
         """Shut the worker processes down (a study's many small rounds reuse them until then)."""
@@ -95,14 +97,17 @@ class Runner:
             cached = _read_cached(path) if path.exists() else None
             if cached is not None:
                 results.append(cached)
+                self.served["cache"] += 1
             elif key in known:
                 results.append(known[key])
+                self.served["committed"] += 1
             else:
                 results.append(None)
                 todo.append((len(results) - 1, cfg, path))
         if todo:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        bar = _progress(len(todo), desc, self.progress)
+        self.served["trained"] += len(todo)
+        bar = progress(len(todo), desc, self.progress and bool(todo))
 
         def store(i: int, path: Path, res: dict[str, Any]) -> None:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -172,11 +177,12 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def progress(total: int, desc: str, enabled: bool, unit: str = "run") -> Any:
+    """A progress bar that says what it counts (``desc``), or nothing when off or empty."""
     if not enabled or total == 0:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

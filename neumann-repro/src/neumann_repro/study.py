@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .plotting import QUICK_NOTE, quick_run
 from .runner import Runner
 
 Payload = dict[str, Any]
@@ -50,6 +51,14 @@ class Settings:
     def n_seeds(self, quick: int, full: int) -> int:
         return self.seeds if self.seeds is not None else (quick if self.quick else full)
 
+    def note(self) -> str | None:
+        """What a result of these settings must say about itself (``None``: the documented ones)."""
+        if self.quick:
+            return QUICK_NOTE
+        if not self.is_full:
+            return "custom settings (--epochs or --schedule): not the documented result"
+        return None
+
     @property
     def is_full(self) -> bool:
         """The documented settings: what ``docs/results/`` holds (the regularizers study sets its
@@ -73,17 +82,33 @@ def base_cfg(**kw: Any) -> dict[str, Any]:
 
 def finish(runner: Runner, s: Settings, payload: Payload, render: Callable[[Payload, Path], Rendered]) -> str:
     """Render the payload into ``OUT/STUDY`` (results.json, table.md, PNGs); with the documented
-    settings also write it to the runner's results directory (``docs/results/STUDY.json``)."""
+    settings also write it to the runner's results directory (``docs/results/STUDY.json``). Other
+    settings say so in the table, the figures' titles and the results' meta."""
     study = payload["study"]
     study_dir = runner.out / study
     study_dir.mkdir(parents=True, exist_ok=True)
-    table, summary = render(payload, study_dir)
+    note = s.note()
+    if note is not None:
+        payload = {**payload, "meta": {**payload.get("meta", {}), "note": note}}
+    table, summary = render_payload(render, payload, study_dir)
     (study_dir / "results.json").write_text(json.dumps({**payload, "summary": summary}, indent=1))
     (study_dir / "table.md").write_text(table)
     if s.is_full and runner.results_dir is not None:
         runner.results_dir.mkdir(parents=True, exist_ok=True)
         (runner.results_dir / f"{study}.json").write_text(json.dumps(payload, indent=1) + "\n")
     return table
+
+
+def render_payload(render: Callable[[Payload, Path], Rendered], payload: Payload, out_dir: Path) -> Rendered:
+    """``render(payload, out_dir)``, with the payload's note (a quick smoke run) under the table's
+    title and in every figure's title."""
+    note = payload.get("meta", {}).get("note")
+    with quick_run(note is not None):
+        table, summary = render(payload, out_dir)
+    if note is not None:
+        title, _, rest = table.partition("\n")
+        table = f"{title}\n\n**{note}** (the documented results: docs/REPRODUCTION.md)\n{rest}"
+    return table, summary
 
 
 def cells_of(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -188,7 +188,7 @@ def _sq_grad_norm(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _noise_probe(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[float, float]:
     """(tr(Sigma), |G|^2) at the current weights, McCandlish et al.'s unbiased estimators from
     ``NOISE_REPEATS`` small and one large random batch of the training set."""
-    from ..noise_scale import gradient_noise_scale
+    from neumann_optimizer.noise_scale import gradient_noise_scale
 
     small = statistics.fmean(
         _sq_grad_norm(model, *(t[idx] for t in (x, y)))

@@ -102,8 +102,8 @@ def tune(
     def cfg(name: str, lr: float, seed: int) -> dict[str, Any]:
         return {**cells[name][0], "lr": lr, "seed": seed}
 
-    def run(plan: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-        results = runner.run_all([c for _, c in plan], desc)
+    def run(plan: list[tuple[str, dict[str, Any]]], stage: str) -> dict[str, list[dict[str, Any]]]:
+        results = runner.run_all([c for _, c in plan], f"{desc}: {stage}")
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in cells}
         for (name, _), res in zip(plan, results, strict=True):
             out[name].append({"cell": name, **res})
@@ -112,8 +112,10 @@ def tune(
     def grid_plan() -> list[tuple[str, dict[str, Any]]]:
         return [(n, cfg(n, lr_at(i), s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
 
+    round_ = 0
     while True:
-        runs = run(grid_plan())
+        round_ += 1
+        runs = run(grid_plan(), f"learning-rate grid, round {round_}")
         grown = False
         for name in cells:
             choice = choose(runs[name], protocol.tune_seeds)
@@ -131,11 +133,11 @@ def tune(
             coarse = choose(runs[name], protocol.tune_seeds)
             if coarse.interior:
                 plan += [(name, cfg(name, lr, s)) for lr in midpoints(coarse) for s in range(protocol.tune_seeds)]
-        runs = run(plan)
+        runs = run(plan, "rates between the best grid rates")
     for name in cells:
         best = choose(runs[name], protocol.tune_seeds).lr
         plan += [(name, cfg(name, best, s)) for s in range(protocol.tune_seeds, protocol.final_seeds)]
-    return run(plan)
+    return run(plan, "more seeds at the chosen rates")
 
 
 def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..plotting import epoch_axis, pyplot, save_figure
+from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, finish
@@ -18,6 +18,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no burn-in": dict(burn_in_epochs=0),
     "regularizers scaled with lr": dict(regularizer_schedule="lr"),
     "no burn-in, regularizers scaled with lr": dict(burn_in_epochs=0, regularizer_schedule="lr"),
+}
+# the palette's colours where a variant is one of its optimizers, others apart from every optimizer's
+ABLATION_COLOURS = {
+    "default (Table 1)": COLORS["neumann"],
+    "no regularizers": COLORS["neumann-default"],
+    "no burn-in": "tab:cyan",
+    "regularizers scaled with lr": COLORS["neumann-lr"],
+    "no burn-in, regularizers scaled with lr": "goldenrod",
+    "SGD+Nesterov (same lr)": COLORS["sgd"],
 }
 ABLATION_LRS = {"cnn": 0.1, "mlp": 0.1}
 
@@ -83,7 +92,7 @@ def render_ablation(payload: Payload, out_dir: Path) -> Rendered:
                 f"{div}/{len(runs)} | {_fractions(runs)} |"
             )
             summary[f"{model}/{name}"] = dict(final=fin[0], best=best, diverged=div)
-            ax.plot(range(1, len(curve) + 1), curve, label=name)
+            ax.plot(range(1, len(curve) + 1), curve, label=name, color=ABLATION_COLOURS[name])
         finals = [v["final"] for k, v in summary.items() if k.startswith(f"{model}/")]
         ax.set(
             title=f"ablation: {model}",

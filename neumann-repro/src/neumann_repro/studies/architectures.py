@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..optimizers import BASELINES, LABELS
-from ..plotting import epoch_axis, pyplot, save_figure
+from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -224,7 +224,8 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# architectures: a BatchNorm convnet, a GRU with and without clipping, a transformer\n",
         f"compare's tuning protocol per model family ({protocol.points}-point start, "
-        f"{plural(protocol.tune_seeds, 'tuning seed')} per rate, grid extended until the chosen rate is inside it, "
+        f"{plural(protocol.tune_seeds, 'tuning seed')} per rate, grid extended (at most "
+        f"{plural(protocol.max_extensions, 'time')}) until the chosen rate is inside it, "
         f"then {plural(protocol.final_seeds, 'seed')} at the chosen rate); test error (%) of those seeds, "
         f"{spread(protocol.final_seeds)}. Cosine decay to 0; the baselines warm up linearly over "
         f"{plural(meta['family_warmup_epochs'], 'epoch')}; Neumann's burn-in is "
@@ -272,7 +273,8 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
                 range(1, len(r["curve"]) + 1),
                 r["curve"],
                 label=f"{LABELS[row]} ({r['lr']:g})",
-                color=f"C{list(ROWS).index(row)}",  # one colour per row in every panel
+                color=COLORS.get(row),  # one colour per optimizer in every figure
+                ls="-" if row.startswith("neumann") else "--",
             )
             summary[f"{name}/{row}"] = dict(
                 lr=r["lr"],

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optimizers import BASELINES, LABELS
-from ..plotting import pyplot, save_figure
+from ..plotting import batch_axis, pyplot, save_figure, style
 from ..runner import Runner
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
@@ -84,10 +84,16 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         f"{meta['model'].upper()} on {meta['task']} ({train_size:,} training examples), {meta['epochs']} epochs at "
         f"every batch size ({batches[0]} to {batches[-1]}, the largest {100 * batches[-1] / max(train_size, 1):.1f}% "
         "of the training set), cosine decay to 0. Baselines warm up linearly for "
-        f"{plural(meta['warmup_epochs'], 'epoch')} (Goyal et al.); Neumann has the paper's defaults "
-        f"({plural(meta.get('neumann_burn_in_epochs', 5), 'epoch')} of burn-in, its own warmup). Every cell tuned "
+        f"{plural(meta['warmup_epochs'], 'epoch')} (Goyal et al.); Neumann "
+        + (
+            "has the paper's defaults (5 epochs of burn-in, its own warmup)."
+            if meta.get("neumann_burn_in_epochs", 5) == 5
+            else f"has {plural(meta['neumann_burn_in_epochs'], 'epoch')} of burn-in (its own warmup; the paper's is 5)."
+        )
+        + f" Every cell tuned "
         f"by the same protocol: {protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, "
-        f"grid extended until the chosen rate is inside it, then {plural(protocol.final_seeds, 'seed')} at the chosen "
+        f"grid extended (at most {plural(protocol.max_extensions, 'time')}) until the chosen rate is inside it, "
+        f"then {plural(protocol.final_seeds, 'seed')} at the chosen "
         "rate. "
         f"Test error (%) of those seeds, {spread(protocol.final_seeds)} (tuned lr).\n",
         "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
@@ -127,18 +133,18 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
                 [per_b[b]["test_mean"] - per_b[b]["test_min"] for b in bs],
                 [per_b[b]["test_max"] - per_b[b]["test_mean"] for b in bs],
             ],
-            marker="o",
             capsize=3,
             label=LABELS[name],
-            ls="-" if name.startswith("neumann") else "--",
+            **style(name),
         )
     ax.set(
         xscale="log",
         xlabel="batch size",
         ylabel="final test error (%), tuned lr",
-        title=f"batch scaling at {meta['epochs']} epochs, {meta['task']} (bars: seed min-max)",
+        title=f"batch scaling at {meta['epochs']} epochs, {meta['task']}"
+        + (" (bars: seed min-max)" if protocol.final_seeds > 1 else " (one seed: no bars)"),
     )
-    ax.set_xticks(batches, [str(b) for b in batches])
+    batch_axis(ax, batches)
     ax.legend(fontsize=7)
     save_figure(fig, out_dir / "batch_scaling.png")
     return "\n".join(lines) + "\n", summary

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optimizers import BASELINES, LABELS
-from ..plotting import epoch_axis, pyplot, save_figure
+from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -69,8 +69,9 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# compare: fixed batch size (paper Table 2)\n",
         "Learning rate tuned per optimizer by the tuning protocol (a "
-        f"{protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, extended until the "
-        f"chosen rate is inside the rates tried), then {plural(protocol.final_seeds, 'seed')} at the chosen rate; test "
+        f"{protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, extended (at most "
+        f"{plural(protocol.max_extensions, 'time')}) until the chosen rate is inside the rates tried), then "
+        f"{plural(protocol.final_seeds, 'seed')} at the chosen rate; test "
         f"error (%) of those seeds, {spread(protocol.final_seeds)}. Cosine decay to 0, no warmup. 'epochs to "
         "target': first epoch "
         "whose mean test error is at or below the best baseline's final mean test error.\n",
@@ -102,7 +103,13 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
                 f"| {LABELS[opt]} | {row['lr']:g} | {lr_range(row['tried'])} | {'yes' if row['interior'] else 'NO'} | "
                 f"{fmt(row['test_mean'], row['test_std'])} | {e if e else '—'} / {t['epochs']} |"
             )
-            ax.plot(range(1, len(row["curve"]) + 1), row["curve"], label=f"{LABELS[opt]} (lr {row['lr']:g})")
+            ax.plot(
+                range(1, len(row["curve"]) + 1),
+                row["curve"],
+                label=f"{LABELS[opt]} (lr {row['lr']:g})",
+                color=COLORS.get(opt),
+                ls="-" if opt.startswith("neumann") else "--",
+            )
             summary[f"{name}/{opt}"] = dict(
                 lr=row["lr"],
                 final_mean=row["test_mean"],

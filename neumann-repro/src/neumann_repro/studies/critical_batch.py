@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optimizers import BASELINES, LABELS
-from ..plotting import pyplot, save_figure
+from ..plotting import BAND, batch_axis, pyplot, save_figure, style
 from ..runner import Runner
 from ..runs import CHANCE_ERROR
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -234,11 +234,14 @@ def critical_batch(runner: Runner, s: Settings) -> str:
             top = max_budget(st, b, train_size)
             searches.append(_Search(f"{name}/{b}", cfg, guess, min(start_budget(st, b), top), top))
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {x.name: {} for x in searches}
+    round_ = 0
     while True:
         plan = [(x, c) for x in searches for c in _plan(x, runs[x.name], st)]
         if not plan:
             break
-        for (x, c), res in zip(plan, runner.run_all([c for _, c in plan], "critical-batch"), strict=True):
+        round_ += 1
+        desc = f"critical-batch: round {round_} of budgets and rates ({len(plan)} runs)"
+        for (x, c), res in zip(plan, runner.run_all([c for _, c in plan], desc), strict=True):
             runs[x.name].setdefault(int(c["steps"]), []).append({"cell": x.name, **res})
     flat = [r for cell in runs.values() for per in cell.values() for r in per]
     # the gradient noise scale along the tuned run of each optimizer at one batch size
@@ -249,7 +252,8 @@ def critical_batch(runner: Runner, s: Settings) -> str:
         found = cell_result([r for per in runs[x.name].values() for r in per], st["target"]).smallest
         if int(b) == probe_batch and found is not None:
             probes.append((name, {**x.base, "steps": found.steps, "lr": found.lr, "seed": 0, "noise_scale": True}))
-    for (name, _), res in zip(probes, runner.run_all([c for _, c in probes], "noise scale"), strict=True):
+    probed = runner.run_all([c for _, c in probes], "critical-batch: gradient noise scale probes")
+    for (name, _), res in zip(probes, probed, strict=True):
         flat.append({"cell": f"noise/{name}", **res})
     payload = dict(
         study="critical-batch",
@@ -319,14 +323,19 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
     lines = [
         "# critical-batch: steps to a target versus batch size (Shallue et al. 2019)\n",
         f"MLP on {meta['task']} ({train_size:,} training examples). Target: **{target:g}% validation error**. "
-        "Every point tuned: step budgets on a ladder of powers of 2 (up to "
+        "Every point tuned: budgets of steps on a ladder of powers of 2 (none longer than "
         f"{meta.get('max_epochs', 512)} epochs), at each budget the learning rate tuned on the "
         f"1-3-10 grid (seed 0), then {plural(meta['seeds'], 'seed')} at the chosen rate; a budget reaches the target "
         "when the seeds' mean validation error does, at one of "
         f"{meta['evals']} evaluation points. Steps-to-target: the first such point in the smallest reaching budget "
         "(the budget below was tried and did not reach, where marked ✓). Every budget decays the rate to 0 by "
-        f"cosine; baselines warm up over its first {100 * meta['warmup_frac']:.0f}%. Neumann keeps the paper's "
-        f"epoch-denominated defaults ({plural(burn, 'epoch')} of burn-in, first reset after 10 epochs, a 1-epoch "
+        f"cosine; baselines warm up over its first {100 * meta['warmup_frac']:.0f}%. Neumann keeps "
+        + (
+            "the paper's epoch-denominated defaults (5 epochs"
+            if burn == 5
+            else f"epoch-denominated schedules ({plural(burn, 'epoch')}"
+        )
+        + " of burn-in, first reset after 10 epochs, a 1-epoch "
         "momentum ramp), whose length in steps falls with the batch (burn-in / first reset interval): "
         + ", ".join(
             f"{burn * max(1, train_size // b):,} / {10 * max(1, train_size // b):,} steps at batch {b}" for b in batches
@@ -347,7 +356,7 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
                 continue
             steps[b] = float(s.first_hit)  # type: ignore[arg-type]
             mark = " ✓" if r.verified(meta["first_budget"]) else ""  # type: ignore[union-attr]
-            row.append(f"{s.first_hit:,} (budget {s.steps:,}, lr {s.lr:g}{'' if s.interior else ', edge'}){mark}")
+            row.append(f"{s.first_hit:,} (budget {s.steps:,} steps, lr {s.lr:g}{'' if s.interior else ', edge'}){mark}")
         crit = critical_batch_size(steps)
         summary[name] = dict(steps={str(b): v for b, v in steps.items()}, critical=crit, noise_scale=noise.get(name))
         lines.append(f"| {LABELS[name]} | " + " | ".join(row) + f" | {crit if crit else '—'} |")
@@ -376,12 +385,11 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         ax2.plot(
             [h["val_error"] for h in pts],
             [h["trace_sigma"] / h["grad_sq"] for h in pts],
-            marker="o" if name.startswith("neumann") else "x",
+            **{**style(name), "ls": "none"},
             ms=4,
-            ls="none",
             label=LABELS[name],
         )
-    ax2.axvspan(target, 2 * target, color="tab:purple", alpha=0.12, label="the band averaged in the table")
+    ax2.axvspan(target, 2 * target, color=BAND, alpha=0.25, label="the band averaged in the table")
     ax2.set(
         xscale="log",
         yscale="log",
@@ -390,7 +398,13 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         title=f"gradient noise scale along the tuned runs at batch {meta['probe_batch']}",
     )
     ax2.invert_xaxis()
-    ticks = [v for v in (5, 8, 10, 16, 20, 30, 50) if v != 2 * target or v == 16]
+    seen = [
+        h["val_error"] for n in meta["variants"] if f"noise/{n}" in cells for h in cells[f"noise/{n}"][0]["history"]
+    ]
+    seen = [v for v in seen if v > 0]
+    if seen:  # the axis spans the data (inverted: high errors on the left)
+        ax2.set_xlim(max(seen) * 1.1, min(seen) / 1.1)
+    ticks = [v for v in (5, 8, 10, 16, 20, 30, 50, 90) if not seen or min(seen) / 1.1 <= v <= max(seen) * 1.1]
     ax2.set_xticks(ticks, [str(v) for v in ticks])
     ax2.minorticks_off()
     ax2.legend(fontsize=7)
@@ -398,7 +412,9 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         bs = [b for b in batches if per_b.get(b) and per_b[b].smallest is not None]
         ys = [per_b[b].smallest.first_hit for b in bs]  # type: ignore[union-attr]
         if bs:
-            ax.plot(bs, ys, marker="o", label=LABELS[name], ls="-" if name.startswith("neumann") else "--")
+            # markers apart and lines a little thicker below: rows that coincide (AdamW, LAMB) stay visible
+            k = list(results).index(name)
+            ax.plot(bs, ys, label=LABELS[name], lw=1 + 0.4 * (len(results) - k), ms=4 + len(results) - k, **style(name))
     ref = [(b, r.smallest.first_hit or 0) for per in results.values() for b, r in per.items() if r.smallest]
     if ref:
         b0 = min(batches)
@@ -407,7 +423,7 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
             ax.plot(batches, [min(s0) * b0 / b for b in batches], color="gray", lw=1, ls=":", label="perfect scaling")
     vals = [v for v in noise.values() if v]
     if vals:
-        ax.axvspan(min(vals), max(vals), color="tab:purple", alpha=0.12, label="B_simple on the way to the target")
+        ax.axvspan(min(vals), max(vals), color=BAND, alpha=0.25, label="B_simple on the way to the target")
     ax.set(
         xscale="log",
         yscale="log",
@@ -415,7 +431,7 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
         ylabel=f"steps to {target:g}% validation error",
         title=f"critical-batch: {meta['task']}, every point tuned",
     )
-    ax.set_xticks(batches, [str(b) for b in batches])
+    batch_axis(ax, batches)
     ax.legend(fontsize=7)
     save_figure(fig, out_dir / "critical_batch.png")
     return "\n".join(lines) + "\n", summary

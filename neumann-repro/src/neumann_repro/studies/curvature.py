@@ -14,7 +14,7 @@ from neumann_optimizer import Neumann
 from neumann_optimizer.diagnostics import hessian_eigenvalues
 
 from ..plotting import epoch_axis, pyplot, save_figure
-from ..runner import Runner
+from ..runner import Runner, progress
 from ..study import Settings, Study, finish
 from ..train import _batch_loss, lr_factor
 
@@ -80,7 +80,7 @@ def render_curvature(payload: dict[str, Any], out_dir: Path) -> tuple[str, dict[
 
 
 def _trace(runner: Runner, cfg: dict[str, Any]) -> tuple[list[dict[str, float]], float]:
-    from .tasks import make_model
+    from ..tasks import make_model
 
     data = runner.data(cfg["task"])
     torch.manual_seed(cfg["seed"])
@@ -98,6 +98,7 @@ def _trace(runner: Runner, cfg: dict[str, Any]) -> tuple[list[dict[str, float]],
     points: list[dict[str, float]] = []
     t0 = time.perf_counter()
     step = 0
+    bar = progress(total, "curvature: training, a Hessian estimate every few steps", runner.progress, unit="step")
     for _ in range(cfg["epochs"]):
         perm = torch.randperm(n, generator=gen).to(dev)
         for k in range(spe):
@@ -116,6 +117,8 @@ def _trace(runner: Runner, cfg: dict[str, Any]) -> tuple[list[dict[str, float]],
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
+    bar.close()
     return points, time.perf_counter() - t0
 
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..plotting import epoch_axis, pyplot, save_figure
+from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -244,13 +244,17 @@ def _plot(rows: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any], labe
     plt = pyplot()
     names = list(rows)
     fig, axes = plt.subplots(3, len(names), figsize=(4.2 * len(names), 9), squeeze=False, sharex="col")
+    # the paper's variant in Neumann-paper's colour, no repulsive term in the default's, in every figure
+    colours = {"paper": COLORS["neumann"], "no-repulsive": COLORS["neumann-default"], "lr": COLORS["neumann-lr"]}
+    colours.update({"no-regularizers": "tab:cyan", "lr^2": "goldenrod", "lr^3": "tab:gray"})
     for j, cname in enumerate(names):
         for v, row in rows[cname].items():
             tr = row["trace"]
             ep = [h["epoch"] for h in tr]
-            axes[0][j].plot(range(1, len(row["curve"]) + 1), row["curve"], label=labels[v])
-            axes[1][j].plot(ep, [h.get("distance") or math.nan for h in tr], label=labels[v])
-            axes[2][j].plot(ep, [h.get("lr", math.nan) for h in tr], label=labels[v])
+            kw = dict(label=labels[v], color=colours.get(v))
+            axes[0][j].plot(range(1, len(row["curve"]) + 1), row["curve"], **kw)
+            axes[1][j].plot(ep, [h.get("distance") or math.nan for h in tr], **kw)
+            axes[2][j].plot(ep, [h.get("lr", math.nan) for h in tr], **kw)
         best = min(r["best"] for r in rows[cname].values())
         axes[0][j].set(title=cname, ylabel="test error % (mean of seeds)", ylim=(0.8 * best, 2.2 * best))
         axes[1][j].set(yscale="log", ylabel="||w - v|| (epoch mean, seed 0)")
