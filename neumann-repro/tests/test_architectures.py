@@ -30,7 +30,7 @@ def test_quick_runs_every_family_and_reaches_the_neumann_phase(quick):
     cells = {r["cell"] for r in payload["runs"]}
     for fam in ("cnn", "gru-clip", "transformer"):
         assert {f"{fam}/{row}" for row in arch.QUICK_ROWS} <= cells
-    assert {f"scaling/{row}/{b}" for row in arch.QUICK_SCALING_ROWS for b in (128, 512)} <= cells
+    assert {f"scaling/{row}/{b}" for row in arch.QUICK_SCALING_ROWS for b in (256, 512)} <= cells
     neumann = [r for r in payload["runs"] if r["config"]["optimizer"] == "neumann"]
     assert neumann and all(r["neumann_steps"] > 0 for r in neumann)  # burn-in 1 of 2 epochs
     assert all(r["config"]["warmup_epochs"] == 0 for r in neumann)

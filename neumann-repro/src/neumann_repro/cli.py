@@ -252,11 +252,11 @@ def _main(args: argparse.Namespace, p: argparse.ArgumentParser, studies: dict[st
         try:
             for name in names:
                 t0 = time.perf_counter()
-                before = dict(runner.served)
+                before = {k: set(v) for k, v in runner.served.items()}
                 table = studies[name].run(runner, settings)
                 print(table)
                 print(f"[{name}: {time.perf_counter() - t0:.0f} s; results in {args.out / name}]", flush=True)
-                served = {k: runner.served[k] - before[k] for k in before}
+                served = {k: len(runner.served[k] - before[k]) for k in before}
                 if any(served.values()):
                     print(_served(name, served, args), flush=True)
                 print(_verdict(studies[name], args.out / name / "results.json", settings), flush=True)

@@ -51,8 +51,8 @@ class Runner:
         self.progress = progress
         self.cache_dir = self.out / "cache"  # created by the first run that stores a result
         self._pool: ProcessPoolExecutor | None = None  # worker processes, kept across rounds
-        # where the runs of this runner came from: trained now, the run cache, the committed results
-        self.served = {"trained": 0, "cache": 0, "committed": 0}
+        # where the runs of this runner came from (their keys): trained now, the run cache, the committed results
+        self.served: dict[str, set[str]] = {"trained": set(), "cache": set(), "committed": set()}
 
     def close(self) -> None:
         """Shut the worker processes down (a study's many small rounds reuse them until then)."""
@@ -97,16 +97,17 @@ class Runner:
             cached = _read_cached(path) if path.exists() else None
             if cached is not None:
                 results.append(cached)
-                self.served["cache"] += 1
+                if key not in self.served["trained"]:  # (a later round of a tuning reads its own runs back)
+                    self.served["cache"].add(key)
             elif key in known:
                 results.append(known[key])
-                self.served["committed"] += 1
+                self.served["committed"].add(key)
             else:
                 results.append(None)
                 todo.append((len(results) - 1, cfg, path))
         if todo:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.served["trained"] += len(todo)
+        self.served["trained"].update(config_key(cfg) for _, cfg, _ in todo)
         bar = progress(len(todo), desc, self.progress and bool(todo))
 
         def store(i: int, path: Path, res: dict[str, Any]) -> None:
