@@ -183,6 +183,14 @@ def test_explicit_foreach_is_honoured_on_large_cpu_groups(kwargs, compiled, monk
 
 
 # ---------------------------------------------------------------------------------- the lean step
+def _step_together(pairs, steps: int) -> None:
+    """``steps`` steps of each (problem, optimizer) pair, each on its own problem's gradients."""
+    for _ in range(steps):
+        for problem, opt in pairs:
+            problem.set_grads()
+            opt.step()
+
+
 def _lean_run(steps, state_dict=None, **kw):
     problem = ElementwiseProblem([[(6, 4), (4,)]], 4)
     opt = Neumann(problem.params[0], **{**LEAN, **kw})
@@ -237,11 +245,7 @@ def test_turning_a_regularizer_on_starts_v_from_the_current_weights(impl):
     twin.load_state_dict(sd)
     for g in (opt.param_groups[0], twin.param_groups[0]):
         g["cubic_weight"], g["repulsive_weight"] = HP["cubic_weight"], HP["repulsive_weight"]
-    for _ in range(6):
-        problem.set_grads()
-        twin_problem.set_grads()
-        opt.step()
-        twin.step()
+    _step_together([(problem, opt), (twin_problem, twin)], 6)
     _equal_state(opt, problem.params[0], twin, twin_problem.params[0])
     assert opt.step_record()["distance"] > 0
 
@@ -274,11 +278,7 @@ def test_lean_state_dicts_round_trip_both_ways():
             a.copy_(b)
     with_v = Neumann(with_v_problem.params[0], **LEAN)
     with_v.load_state_dict(old)  # as a 0.2 checkpoint of a group with both weights 0 holds v
-    for _ in range(5):
-        problem.set_grads()
-        with_v_problem.set_grads()
-        resumed.step()
-        with_v.step()
+    _step_together([(problem, resumed), (with_v_problem, with_v)], 5)
     _equal_state(full, full_problem.params[0], resumed, problem.params[0])
     _equal_state(full, full_problem.params[0], with_v, with_v_problem.params[0])  # v dropped
     regularized = Neumann(problem.params[0], **HP)

@@ -213,7 +213,7 @@ def neumann_update(
 # v), the regularizer coefficient, and the update (each of w, m, v read and written once, g read
 # once). No temporaries the size of a parameter, no host synchronisation.
 #
-# The issue asked for the next step's ||w - v|| to be reduced inside this step's update pass
+# A first design reduced the next step's ||w - v|| inside this step's update pass
 # instead. Inductor's CPU code for a reduction over a buffer the same kernel mutates stages that
 # buffer (a temporary the size of v plus a copy back); fresh temporaries cost page faults on
 # every step, and that kernel ran 2-3x slower than the update plus a reduction of its own

@@ -81,7 +81,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         clip=None,
         centres={"neumann-default": 0.1, "neumann": 0.1, "sgd": 0.1, "adamw": 3e-3},
     ),
-    # the issue's own trial: the 36k set at 20 epochs, where AdamW led Neumann by 2 points (one seed)
+    # the setting of a first trial: the 36k set at 20 epochs, where AdamW led Neumann by 2 points (one seed)
     "transformer-36k": dict(
         model="transformer",
         width=64,

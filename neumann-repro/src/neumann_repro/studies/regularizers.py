@@ -1,6 +1,6 @@
 """``neumann-repro regularizers``: does Neumann keep its best quality to the end of a run?
 
-The late loss (issue 14): with a decaying learning rate, the paper's repulsive term ``beta/r``
+The late loss: with a decaying learning rate, the paper's repulsive term ``beta/r``
 grows to dominate the update, because ``r = ||w - v||`` shrinks with the step size. The study
 measures, per cell (schedule x batch x task x width) and per regularizer variant, tuned by the
 tuning protocol: the final test error, the best mean test error along the run, their difference
@@ -206,7 +206,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
 
 
 def qualifies(rows: dict[str, dict[str, dict[str, Any]]], variant: str) -> tuple[bool, list[str]]:
-    """SPEC section 7's rule as issue 14 states it: final error no worse than the paper's defaults
+    """SPEC section 7's rule for a new default: final error no worse than the paper's defaults
     beyond noise in every measured cell, and better beyond noise in the large-batch (1,024) ones."""
     why = []
     ok = True
