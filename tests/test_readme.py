@@ -167,7 +167,7 @@ def test_readme_first_screen_answers_should_i_use_it():
     for heading in ("## Set up (two commands)", "## Should you use it?", "## Quick start"):
         assert heading in first, heading
     assert "lr=0.3" in first and "What its default is" in first
-    assert len(lines) <= 270
+    assert len(lines) <= 260
 
 
 def test_should_you_use_it_numbers_come_from_the_rendered_results():
