@@ -173,7 +173,7 @@ def test_refinement_can_move_the_choice_off_the_grid():
         (["compare", "--device", "cuda"], "no CUDA device"),
         (["compare", "--device", "nonsense"], "not a device torch knows"),
         (["compare", "--task", "cifar10"], "needs --data-dir"),
-        (["compare", "--task", "imagenet"], "unknown"),
+        (["compare", "--task", "imagenet"], "invalid choice: 'imagenet' (choose from 'mnist1d-4k'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -55,8 +55,6 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if device.type not in ("cpu", "cuda"):
         p.error(f"--device {args.device}: only cpu and cuda are supported")
     if args.task is not None:
-        if args.task not in (*MNIST1D_SIZES, "cifar10"):
-            p.error(f"--task {args.task!r} is unknown; choose from {[*MNIST1D_SIZES, 'cifar10']}")
         if args.task == "cifar10":
             if args.data_dir is None:
                 p.error("--task cifar10 needs --data-dir DIR with the CIFAR-10 python batches (never downloaded)")
