@@ -91,6 +91,7 @@ def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, 
         "Neumann() default": lambda: Neumann(params, **neu),
         # the lean step (both regularizers 0): no v, no norm; its floor is fused SGD(nesterov)
         "Neumann lean (cubic=repulsive=0)" + kernel: lambda: Neumann(params, fused=True, **lean),
+        "Neumann lean, nonfinite='ignore'" + kernel: lambda: Neumann(params, fused=True, nonfinite="ignore", **lean),
         "Neumann lean, foreach=True": lambda: Neumann(params, foreach=True, fused=False, **lean),
     }
     if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
