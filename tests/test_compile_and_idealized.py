@@ -31,7 +31,8 @@ def test_compiled_step_matches_eager():
             step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert opts[1].param_groups[0]["step"] == 10
+    # the compiled steps counted on the device; state_dict() brings the host counters up to date
+    assert opts[1].state_dict()["param_groups"][0] == opts[0].state_dict()["param_groups"][0]
 
 
 @pytest.mark.slow
@@ -57,6 +58,84 @@ def test_compiled_step_has_no_graph_break_and_skips_nonfinite_steps(capfd):
     for p, b, (m, v) in zip(model.parameters(), before, state, strict=True):
         assert torch.equal(p, b)
         assert torch.equal(opt.state[p]["m"], m) and torch.equal(opt.state[p]["v"], v)
+    with pytest.warns(RuntimeWarning, match="1 skipped so far"):  # counted on the device, warned when read
+        record = opt.step_record()
+    group = opt.param_groups[0]
+    assert group["step"] == 4 and group["skipped_steps"] == 1 and record["step"] == 4  # as an eager skip
+
+
+class _CountingBackend:
+    """A torch.compile backend that counts the graphs it is handed (and runs them eagerly)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def _compiled_run(steps: int, groups, lr, backend, **kw):
+    torch._dynamo.reset()
+    opt = Neumann(groups, lr=lr, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.01 * k))  # a new lr every step
+    step = torch.compile(opt.step, backend=backend)
+    for _ in range(steps):
+        opt.zero_grad()
+        for g in groups:
+            for p in g["params"]:
+                p.grad = torch.sin(p.detach()) + 0.1  # a deterministic gradient
+        step()
+        sched.step()
+    return opt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"foreach": False}, {}])
+def test_compiled_step_compiles_two_graphs_over_the_whole_schedule(impl):
+    """Burn-in, the momentum ramp, three resets and the Neumann phase, with a tensor lr that an
+    LR scheduler changes every step: one graph for the first step (it creates the state) and one for
+    all the others, and the trajectory of the eager optimizer."""
+    torch.manual_seed(0)
+    kw = dict(burn_in_steps=3, momentum_ramp_steps=10, reset_steps=6, cubic_weight=1e-3, repulsive_weight=1e-4)
+    shapes = [[(5, 3), (3,)], [(4, 3), (3,)]]  # two groups, equal tensor counts, different shapes
+    made = [[torch.nn.Parameter(torch.randn(s)) for s in shp] for shp in shapes]
+    twins = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in made]
+    counter = _CountingBackend()
+    opt = _compiled_run(40, [{"params": ps} for ps in made], torch.tensor(0.05), counter, **kw, **impl)
+    eager = Neumann([{"params": ps} for ps in twins], lr=torch.tensor(0.05), **kw, **impl)
+    sched = torch.optim.lr_scheduler.LambdaLR(eager, lambda k: 1.0 / (1 + 0.01 * k))
+    for _ in range(40):
+        for ps in twins:
+            for p in ps:
+                p.grad = torch.sin(p.detach()) + 0.1
+        eager.step()
+        sched.step()
+    assert counter.graphs == 2, counter.graphs
+    assert opt.state_dict()["param_groups"][0]["next_reset"] == eager.param_groups[0]["next_reset"] > 20
+    for ps, qs in zip(made, twins, strict=True):
+        for p, q in zip(ps, qs, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_no_recompile_limit_warning_over_many_steps():
+    """10,000 steps (a run through every phase, lr changing every step) under dynamo's
+    error_on_recompile once the steady graph exists: no recompilation at all."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    kw = dict(burn_in_steps=3, reset_steps=5, momentum_ramp_steps=50)
+    opt = _compiled_run(2, [{"params": params}], torch.tensor(0.05), "eager", **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.001 * k))
+    step = torch.compile(opt.step, backend="eager")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    step()  # the steady graph, compiled once more for this wrapper
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10_000):
+            step()
+            sched.step()
+    assert opt.state_dict()["param_groups"][0]["step"] == 10_003
 
 
 def test_momentum_schedule_matches_table_1():

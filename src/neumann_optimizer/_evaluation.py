@@ -20,6 +20,9 @@ class EvaluationWeights:
     param_groups: list[dict[str, Any]]
     state: Any
 
+    def _sync_counters(self) -> None:
+        """Bring counters kept on the device (compiled steps) to the host; the optimizer's own."""
+
     @property
     def training(self) -> bool:
         """False between :meth:`eval` and :meth:`train`."""
@@ -35,6 +38,7 @@ class EvaluationWeights:
         and :meth:`train` adds ``mu m`` back (within float rounding). With BatchNorm, recompute
         the running statistics afterwards (``torch.optim.swa_utils.update_bn``).
         """
+        self._sync_counters()
         for group in self.param_groups:
             if not group["train_mode"]:
                 continue
@@ -55,6 +59,7 @@ class EvaluationWeights:
     def train(self, mode: bool = True) -> None:
         """Back to the training weights: restored bit for bit from the copy :meth:`eval` kept, or
         (``evaluation="in_place"``) by adding ``mu m`` back. Idempotent."""
+        self._sync_counters()
         if not mode:
             self.eval()
             return
@@ -78,6 +83,7 @@ class EvaluationWeights:
         """Declare the parameters' current values the evaluation weights and forget the training
         weights (eval mode; :meth:`train` then leaves the parameters as they are). For callers that
         loaded evaluation weights into the model themselves (HF ``load_best_model_at_end``)."""
+        self._sync_counters()
         for group in self.param_groups:
             for p in group["params"]:
                 self.state.get(p, {}).pop("train_param", None)
@@ -90,6 +96,7 @@ class EvaluationWeights:
 
         Parameters that were never stepped map to a copy of themselves. Works in either mode.
         """
+        self._sync_counters()
         out: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             mu = group["last_momentum"]

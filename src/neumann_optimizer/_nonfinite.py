@@ -9,7 +9,6 @@ raises before any group is written.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -80,10 +79,18 @@ def count_skip(group: dict[str, Any], gi: int, n_groups: int) -> None:
     run of consecutive skips reaches ``DIVERGED_AFTER`` (a :class:`DivergedWarning`)."""
     group["skipped_steps"] += 1
     group["consecutive_skipped_steps"] += 1
-    total = group["skipped_steps"]
-    streak = group["consecutive_skipped_steps"]
+    warn_skips(group, gi, n_groups, group["skipped_steps"] - 1, 1)
+
+
+def warn_skips(group: dict[str, Any], gi: int, n_groups: int, before: int, newly: int) -> None:
+    """The warnings that ``newly`` skips after ``before`` earlier ones owe (counted already in the
+    group): at the 1st, 10th, 100th, ... skip, and when the run of consecutive skips reached
+    ``DIVERGED_AFTER``. Compiled steps count on the device and are warned for when read back."""
+    if newly <= 0:
+        return
+    total, streak = group["skipped_steps"], group["consecutive_skipped_steps"]
     where = f" of param group {gi}" if n_groups > 1 else ""
-    if total == 10 ** round(math.log10(total)):
+    if any(before < 10**j <= total for j in range(19)):  # crossed a power of ten
         warnings.warn(
             f"Neumann: non-finite gradient, step{where} skipped (weights and state untouched); "
             f"{total} skipped so far (warned at 1, 10, 100, ... skips; the count is "
@@ -91,9 +98,9 @@ def count_skip(group: dict[str, Any], gi: int, n_groups: int) -> None:
             RuntimeWarning,
             stacklevel=4,
         )
-    if streak == DIVERGED_AFTER:
+    if streak >= DIVERGED_AFTER > streak - newly:
         warnings.warn(
-            f"Neumann: {streak} consecutive steps{where} had non-finite gradients and were skipped: the run "
+            f"Neumann: {DIVERGED_AFTER} consecutive steps{where} had non-finite gradients and were skipped: the run "
             "has diverged (lower the learning rate or check the loss); nonfinite='raise' stops at the first",
             DivergedWarning,
             stacklevel=4,

@@ -18,6 +18,7 @@ from . import functional as F
 from ._checkpoint import check_state_dict
 from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
+from ._graph_step import graph_step, new_schedule, refresh, to_host
 from ._hyperparams import (
     COUNTERS,
     EPOCH_DEFAULTS,
@@ -25,6 +26,7 @@ from ._hyperparams import (
     check_int,
     describe_step,
     is_lean,
+    real_numel,
     regularizer_scale,
     regularizer_weights,
     resolve_group,
@@ -32,7 +34,15 @@ from ._hyperparams import (
     upgrade_momentum,
     validate_group,
 )
-from ._nonfinite import DIVERGED_AFTER, DivergedWarning, count_skip, finite_flags, finite_tensor, raise_nonfinite
+from ._nonfinite import (
+    DIVERGED_AFTER,
+    DivergedWarning,
+    count_skip,
+    finite_flags,
+    finite_tensor,
+    raise_nonfinite,
+    warn_skips,
+)
 from ._paths import (
     FUSED_DEFAULT_MIN_NUMEL,
     _default_fused,
@@ -220,7 +230,9 @@ class Neumann(EvaluationWeights, Optimizer):
         # per group index: (signature of w and v, local sum ||w - v||^2) after the last CPU-kernel pass
         self._carried: dict[int, tuple[tuple, float]] = {}
         # per group index: what the last applied step did (read through step_record())
-        self._records: dict[int, tuple[Any, ...]] = {}
+        self._records: dict[int, tuple[Any, ...] | None] = {}
+        # per group index: its counters as device tensors, once it was stepped under torch.compile
+        self._sched: dict[int, dict[str, Tensor]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -250,6 +262,7 @@ class Neumann(EvaluationWeights, Optimizer):
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__["_carried"] = {}
         self.__dict__["_records"] = {}
+        self.__dict__.setdefault("_sched", {})
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
@@ -262,6 +275,7 @@ class Neumann(EvaluationWeights, Optimizer):
             upgrade_momentum(group)
 
     def __repr__(self) -> str:
+        self._sync_counters()
         keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum_bounds", "momentum", "cubic_weight")
         keys += ("repulsive_weight", "ema_decay")
         keys += ("weight_decay", "regularizer_schedule")
@@ -326,12 +340,15 @@ class Neumann(EvaluationWeights, Optimizer):
                 "Neumann.step() called in evaluation mode: the parameters hold the evaluation "
                 "weights w - mu m; call optimizer.train() before training again"
             )
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._sched:
+            self._sync_counters()  # an eager step after compiled ones: the host counters first
         entries = [entry for entry in self._gather() if entry[2]]
         applies: dict[int, Tensor] = {}
         checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore"]
-        if torch.compiler.is_compiling():
+        if compiling:
             # "skip": a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no
-            # graph break; a non-finite step leaves weights and state untouched, but still counts
+            # graph break; a non-finite step leaves weights and state untouched
             for gi, _, _, gs in checked:
                 if self.param_groups[gi]["nonfinite"] == "skip":
                     applies[gi] = finite_tensor(self._local(gi, gs))
@@ -345,18 +362,18 @@ class Neumann(EvaluationWeights, Optimizer):
         for gi in sorted(skipped):
             count_skip(self.param_groups[gi], gi, len(self.param_groups))
         for gi, _, params, grads in entries:
-            if gi in skipped:
+            if compiling and self._is_plain(gi):  # the schedule on the device: no guard on a counter
+                self._graph_step(gi, params, grads, applies.get(gi))
                 continue
-            self._step_group(gi, params, grads, applies.get(gi))
-            self.param_groups[gi]["consecutive_skipped_steps"] = 0
+            if gi not in skipped:
+                self._step_group(gi, params, grads, applies.get(gi))
+                self.param_groups[gi]["consecutive_skipped_steps"] = 0
+            if gi in self._sched and not compiling:  # keep a compiled step's device counters current
+                refresh(self._sched[gi], self.param_groups[gi])
         return loss
 
-    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
-        group = self.param_groups[gi]
-        if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
-            group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
-        plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
-        lean = is_lean(group)
+    def _buffers(self, group: dict[str, Any], params: list[Tensor], lean: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """Each parameter's ``m`` and ``v`` (created at its first step; a lean group keeps no ``v``)."""
         ms, vs = [], []
         for p in params:
             state = self.state[p]
@@ -368,6 +385,41 @@ class Neumann(EvaluationWeights, Optimizer):
                 state["v"] = p.detach().clone(memory_format=torch.preserve_format)
             ms.append(state["m"])
             vs.append(state.get("v"))
+        return ms, vs
+
+    def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None) -> None:
+        """A step traced by ``torch.compile``: the schedule as device tensors (see ``_graph_step``)."""
+        group = self.param_groups[gi]
+        lean = is_lean(group)
+        ms, vs = self._buffers(group, params, lean)
+        sched = self._sched.get(gi)
+        if sched is None:
+            sched = self._sched[gi] = new_schedule(group, params)
+        n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
+        graph_step(group, sched, params, grads, ms, None if lean else vs, apply, n)
+        # (nothing else of the optimizer is touched here: any Python value read or written in this
+        # frame becomes a guard; the host learns of the step from the device schedule when it asks)
+
+    def _sync_counters(self) -> None:
+        """Bring the host counters of groups stepped under ``torch.compile`` up to date (one read of
+        the device per group), with the skip warnings those steps owe."""
+        if torch.compiler.is_compiling():
+            return
+        for gi, sched in self._sched.items():
+            group = self.param_groups[gi]
+            before = group["skipped_steps"]
+            newly_skipped, rec = to_host(group, sched)
+            warn_skips(group, gi, len(self.param_groups), before, newly_skipped)
+            if rec is not None:
+                self._records[gi] = (*rec, None, is_lean(group))
+
+    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
+        group = self.param_groups[gi]
+        if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
+            group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
+        plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
+        lean = is_lean(group)
+        ms, vs = self._buffers(group, params, lean)
         lr = float(group["lr"])
         weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean else None
         sq = self._update(gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, None if lean else vs, apply)
@@ -495,6 +547,7 @@ class Neumann(EvaluationWeights, Optimizer):
         kept no ``v`` and did not compute the norm, so ``distance`` and the forces are ``None``).
         Not saved in ``state_dict()``.
         """
+        self._sync_counters()
         rec = self._records.get(group)
         if rec is None:
             return None
@@ -509,3 +562,10 @@ class Neumann(EvaluationWeights, Optimizer):
         check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
         self._carried.clear()
+        for gi, sched in self._sched.items():  # a compiled step goes on from the loaded counters
+            refresh(sched, self.param_groups[gi])
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict, with the counters of compiled steps brought to the host."""
+        self._sync_counters()
+        return super().state_dict()
