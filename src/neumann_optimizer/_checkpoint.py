@@ -4,6 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def v_dtype(p: Tensor) -> torch.dtype:
+    """The moving average ``v`` of a bfloat16/float16 parameter is kept in float32: its increments,
+    1% of ``w - v`` per step, fall below half an ulp of a low-precision ``v`` once ``|w - v|`` is
+    under about 0.2 ``|v|``, and it would stop moving. Other parameters keep their own dtype."""
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+
+
+def saved_averages(opt: Any, state_dict: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, saved ``v``) for the low-precision parameters of a state dict about to be loaded."""
+    out = []
+    for saved, group in zip(state_dict["param_groups"], opt.param_groups, strict=True):
+        for key, p in zip(saved["params"], group["params"], strict=True):
+            v = state_dict["state"].get(key, {}).get("v")
+            if v is not None and p.dtype in LOW_PRECISION:
+                out.append((p, v))
+    return out
+
 
 def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
     """Refuse (``ValueError``, naming the mismatch) a state dict that is not a Neumann state of

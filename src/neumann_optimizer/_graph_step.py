@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import LOW_PRECISION
 from .schedule import Phase, StepPlan, constant_momentum, momentum_at
 
 INT_KEYS = ("step", "next_reset", "reset_interval", "skipped_steps", "consecutive_skipped_steps")
@@ -166,7 +165,3 @@ def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple
     phase = PHASE_OF_CODE[values["phase"]]
     plan = StepPlan(phase, group["last_momentum"] if phase is not Phase.BURN_IN else 0.0, 0)
     return newly_skipped, (plan, lr, sq if phase is Phase.NEUMANN else None)
-
-
-def low_precision(params: list[Tensor]) -> bool:
-    return any(p.dtype in LOW_PRECISION for p in params)

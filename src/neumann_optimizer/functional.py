@@ -36,6 +36,7 @@ __all__ = [
     "neumann_update",
     "regularizer_coefficient",
     "squared_distance",
+    "squared_distance_and_diffs",
 ]
 
 
@@ -53,6 +54,11 @@ def regularizer_coefficient(r: Tensor, cubic_weight: float | Tensor, repulsive_w
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def low_precision(ts: list[Tensor]) -> bool:
+    """Some of ``ts`` are bfloat16 or float16 (updated in float32, a chunk at a time)."""
+    return any(t.dtype in LOW_PRECISION for t in ts)
+
+
 def _need(coef: Tensor | None) -> Tensor:
     if coef is None:
         raise ValueError("neumann_update: the regularized (NEUMANN) phase needs coef when vs is given")
@@ -64,17 +70,50 @@ def _upcast(ts: list[Tensor]) -> list[Tensor]:
     return [t.float() if t.dtype in LOW_PRECISION else t for t in ts]
 
 
+# low-precision tensors are upcast this many elements at a time: float32 temporaries of a bounded
+# size, not of the whole parameter list
+UPCAST_CHUNK = 2**24
+
+
+def _chunks(ts: list[Tensor], size: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive index ranges of ``ts`` of at most ``size`` (``UPCAST_CHUNK``) elements each (a
+    larger tensor alone)."""
+    size = UPCAST_CHUNK if size is None else size
+    out, lo, total = [], 0, 0
+    for i, t in enumerate(ts):
+        if i > lo and total + t.numel() > size:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += t.numel()
+    if lo < len(ts):
+        out.append((lo, len(ts)))
+    return out
+
+
 def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> Tensor:
     """``sum_i ||w_i - v_i||^2`` as a float32 (float64 for float64 params) 0-d tensor.
 
     bfloat16/float16 differences and norms are computed in float32 (a low-precision norm,
     rounded before it is squared and summed, is off by several ulp, and ``beta / r^3`` triples
-    that error)."""
+    that error), a chunk of tensors at a time."""
     if not params:
         return torch.zeros(())
+    if any(t.dtype in LOW_PRECISION for t in params):
+        parts = [
+            squared_distance_and_diffs(_upcast(params[a:b]), _upcast(vs[a:b]), foreach)[0] for a, b in _chunks(params)
+        ]
+        return torch.stack(parts).sum()
+    return squared_distance_and_diffs(params, vs, foreach)[0]
+
+
+def squared_distance_and_diffs(
+    params: list[Tensor], vs: list[Tensor], foreach: bool
+) -> tuple[Tensor, list[Tensor] | tuple[Tensor, ...] | None]:
+    """:func:`squared_distance` of tensors of one precision, and (multi-tensor path) the differences
+    ``w - v`` it computed, for the update to reuse: ``w - v`` is computed once per step."""
     acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    params, vs = _upcast(params), _upcast(vs)
     norms: list[Tensor] | tuple[Tensor, ...]
+    diffs = None
     if foreach:
         diffs = torch._foreach_sub(params, vs)
         norms = torch._foreach_norm(diffs, 2.0)
@@ -82,7 +121,7 @@ def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> T
         norms = [torch.linalg.vector_norm(w - v) for w, v in zip(params, vs, strict=True)]
     dev = params[0].device
     stacked = torch.stack([n.to(device=dev, dtype=acc_dtype) for n in norms])
-    return (stacked * stacked).sum()
+    return (stacked * stacked).sum(), diffs
 
 
 def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float, foreach: bool) -> list[Tensor]:
@@ -132,6 +171,7 @@ def _multi_tensor_neumann(
     momentum: float,
     coef: Tensor | None,
     ema_decay: float,
+    diffs: list[Tensor] | tuple[Tensor, ...] | None = None,
 ) -> None:
     if not params:
         return
@@ -145,8 +185,8 @@ def _multi_tensor_neumann(
     else:
         if vs is None:  # lean: no regularizer, d = g
             ds = grads
-        else:
-            ds = torch._foreach_sub(params, vs)
+        else:  # w - v: the differences the norm was summed from, where the caller kept them
+            ds = diffs if diffs is not None else torch._foreach_sub(params, vs)
             torch._foreach_mul_(ds, _need(coef))
             torch._foreach_add_(ds, grads)
         torch._foreach_mul_(ms, momentum)
@@ -171,6 +211,7 @@ def neumann_update(
     weight_decay: float,
     foreach: bool,
     apply: Tensor | None = None,
+    diffs: list[Tensor] | tuple[Tensor, ...] | None = None,
 ) -> None:
     """Apply one step of one group in place (see the module docstring for the equations).
 
@@ -182,13 +223,58 @@ def neumann_update(
 
     bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the compiled
     path does), so the result is within half an ulp of a float64 step instead of accumulating
-    one rounding per operation.
+    one rounding per operation; they are upcast a chunk of tensors at a time (``UPCAST_CHUNK``
+    elements), so the float32 copies never hold the whole list. ``diffs``: the ``w - v`` the norm
+    was summed from (multi-tensor path), reused in the ``NEUMANN`` phase.
     """
+    if any(w.dtype in LOW_PRECISION for w in params):
+        kw_all: dict[str, Any] = dict(
+            phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay, weight_decay=weight_decay
+        )
+        for a, b in _chunks(params):
+            _update_upcast(
+                params[a:b], grads[a:b], ms[a:b], vs[a:b] if vs is not None else None, foreach, apply, **kw_all
+            )
+        return
+    _update(params, grads, ms, vs, phase, lr, momentum, coef, ema_decay, weight_decay, foreach, apply, diffs)
+
+
+def _update_upcast(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    foreach: bool,
+    apply: Tensor | None,
+    **kw: Any,
+) -> None:
+    """:func:`_update` on float32 copies of these (low-precision) tensors, rounded back once."""
     originals = (params, ms, vs if vs is not None else [])
-    low = any(w.dtype in LOW_PRECISION for w in params)
-    if low:  # float32 copies of the low-precision tensors (the others as they are)
-        params, grads, ms = (_upcast(ts) for ts in (params, grads, ms))
-        vs = _upcast(vs) if vs is not None else None
+    params, grads, ms = (_upcast(ts) for ts in (params, grads, ms))
+    vs = _upcast(vs) if vs is not None else None
+    _update(params, grads, ms, vs, foreach=foreach, apply=apply, diffs=None, **kw)
+    written = originals if kw["phase"] is not Phase.BURN_IN else originals[:1]  # burn-in leaves m and v
+    for dsts, srcs in zip(written, (params, ms, vs or []), strict=False):
+        for dst, src in zip(dsts, srcs, strict=True):
+            if dst is not src:
+                dst.copy_(src)
+
+
+def _update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    phase: Phase,
+    lr: float,
+    momentum: float,
+    coef: Tensor | None,
+    ema_decay: float,
+    weight_decay: float,
+    foreach: bool,
+    apply: Tensor | None,
+    diffs: list[Tensor] | tuple[Tensor, ...] | None,
+) -> None:
     grads = _with_weight_decay(params, grads, weight_decay, foreach)
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
     if apply is not None:  # the compiled path's functional form, written back where ``apply`` holds
@@ -197,15 +283,9 @@ def neumann_update(
             params, grads, ms, vs, lr, momentum, c, 1.0 - ema_decay, 0.0, 0.0, 0.0, phase.value, False, False, apply
         )
     elif foreach:
-        _multi_tensor_neumann(params, grads, ms, vs, **kw)
+        _multi_tensor_neumann(params, grads, ms, vs, diffs=diffs, **kw)
     else:
         _single_tensor_neumann(params, grads, ms, vs, **kw)
-    if low:  # round the float32 results once (burn-in leaves m and v as they were)
-        written = originals if phase is not Phase.BURN_IN else originals[:1]
-        for dsts, srcs in zip(written, (params, ms, vs or []), strict=False):
-            for dst, src in zip(dsts, srcs, strict=True):
-                if dst is not src:
-                    dst.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------------

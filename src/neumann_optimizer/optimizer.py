@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from ._checkpoint import check_state_dict
+from ._checkpoint import check_state_dict, saved_averages, v_dtype
 from ._distributed import all_reduce_squared_norm, is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
 from ._graph_step import graph_step, new_schedule, refresh, to_host
@@ -382,7 +382,7 @@ class Neumann(EvaluationWeights, Optimizer):
             if lean:
                 state.pop("v", None)  # no regularizer: the step needs no v (memory as SGD's)
             elif "v" not in state:  # w_0 at the first step; the current weights once a regularizer is on
-                state["v"] = p.detach().clone(memory_format=torch.preserve_format)
+                state["v"] = p.detach().to(dtype=v_dtype(p), memory_format=torch.preserve_format, copy=True)
             ms.append(state["m"])
             vs.append(state.get("v"))
         return ms, vs
@@ -505,11 +505,15 @@ class Neumann(EvaluationWeights, Optimizer):
                     raise
                 self._fused_fallback(exc)  # compilation failed before anything was written: fall back
             foreach = True
-        coef = None
+        coef, diffs = None, None
         if phase is Phase.NEUMANN and lv is not None:
-            sq = all_reduce_squared_norm(F.squared_distance(lw, lv, foreach), params)
+            if foreach and not F.low_precision(lw):  # w - v once: the norm's differences feed the update
+                local_sq, diffs = F.squared_distance_and_diffs(lw, lv, True)
+            else:
+                local_sq = F.squared_distance(lw, lv, foreach)
+            sq = all_reduce_squared_norm(local_sq, params)
             coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
-        F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, apply=apply, **kwargs)
+        F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, apply=apply, diffs=diffs, **kwargs)
         return sq
 
     def _fused_fallback(self, exc: Exception) -> None:
@@ -560,7 +564,10 @@ class Neumann(EvaluationWeights, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking that it is a Neumann state of the same model."""
         check_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        saved_v = saved_averages(self, state_dict)
+        super().load_state_dict(state_dict)  # (torch casts every state tensor to its parameter's dtype ...)
+        for p, v in saved_v:  # ... v of a low-precision parameter stays float32, as saved
+            self.state[p]["v"] = v.to(device=p.device, dtype=v_dtype(p))
         self._carried.clear()
         for gi, sched in self._sched.items():  # a compiled step goes on from the loaded counters
             refresh(sched, self.param_groups[gi])
