@@ -169,3 +169,17 @@ def test_neumann_repro_wheel_installs_the_command(tmp_path):
         env=ENV,
     ).stdout.split()
     assert where and all(w.startswith(str(site)) for w in where), where  # both from the wheels, not the tree
+
+
+def test_device_check_says_in_one_line_that_there_is_no_gpu():
+    """benchmarks/device_check.py, the command for the day a GPU is lent, on a machine without one."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert res.returncode == 0 and res.stdout.strip().splitlines() == [
+        "device_check: no CUDA device here; nothing measured (run it on a GPU machine)"
+    ], (res.stdout, res.stderr[-2000:])
