@@ -263,3 +263,29 @@ def test_native_step_is_the_same_on_any_thread_count(threads):
         for t, c in zip(ts, cs, strict=True):
             assert torch.equal(t, c)
     assert sq_b == pytest.approx(sq_a, rel=1e-5)
+
+
+def test_many_groups_of_equal_counts_and_other_shapes_compile_apart(monkeypatch):
+    """Nine groups of two tensors each, every group of other shapes, on the compiled path: each gets
+    a graph of its own (a shared one would recompile per group and reach dynamo's recompile limit,
+    8), and the step equals the multi-tensor path's."""
+    _select(monkeypatch, "compiled")
+    monkeypatch.setattr(F, "_COMPILED", {})
+    groups = [[torch.randn(k + 2, 3, dtype=torch.float64), torch.randn(k + 2, dtype=torch.float64)] for k in range(9)]
+    made = [[torch.nn.Parameter(t.clone()) for t in g] for g in groups]
+    twin = [[torch.nn.Parameter(t.clone()) for t in g] for g in groups]
+    kw = dict(lr=0.1, burn_in_steps=100, reset_steps=3, momentum_ramp_steps=2)  # burn-in: one phase
+    opt = Neumann([{"params": ps} for ps in made], fused=True, **kw)
+    ref = Neumann([{"params": ps} for ps in twin], foreach=True, **kw)
+    for _ in range(2):
+        for ps in (*made, *twin):
+            for p in ps:
+                p.grad = torch.sin(p.detach())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to the multi-tensor path
+            opt.step()
+        ref.step()
+    assert len({k for k in F._COMPILED if k[0] == "step"}) == 9 and not opt._fused_failed
+    for ps, qs in zip(made, twin, strict=True):
+        for p, q in zip(ps, qs, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

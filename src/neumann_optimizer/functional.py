@@ -400,7 +400,11 @@ def _compiled(key: tuple) -> object:
 
 
 def _key(kind: str, params: list[Tensor], *extra: object) -> tuple:
-    return (kind, len(params), params[0].dtype, params[0].device.type, *extra)
+    """A graph's cache key: with ``dynamic=False`` every shape is baked into the graph, so groups of
+    equal tensor counts but other shapes get code objects of their own (one shared code object would
+    recompile per group and reach dynamo's recompile limit)."""
+    shapes = tuple(tuple(t.shape) for t in params)
+    return (kind, len(params), params[0].dtype, params[0].device.type, hash(shapes), *extra)
 
 
 def fused_squared_distance(params: list[Tensor], vs: list[Tensor]) -> Tensor:
