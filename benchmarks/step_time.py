@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 
 from neumann_optimizer import Neumann, _native
-from neumann_optimizer import optimizer as optimizer_module
+from neumann_optimizer import _paths as paths_module
 
 
 def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -51,12 +51,12 @@ def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[t
 @contextmanager
 def cpu_kernel_off() -> Iterator[None]:
     """Inside: Neumann as where its CPU kernel is unavailable (fused=True -> the compiled graph)."""
-    real = optimizer_module._native_ok
-    optimizer_module._native_ok = lambda *lists: False
+    real = paths_module._native_ok
+    paths_module._native_ok = lambda *lists: False
     try:
         yield
     finally:
-        optimizer_module._native_ok = real
+        paths_module._native_ok = real
 
 
 class CompiledGraph(Neumann):

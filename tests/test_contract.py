@@ -12,6 +12,7 @@ import torch
 from conftest import ElementwiseProblem
 
 from neumann_optimizer import Neumann
+from neumann_optimizer import _paths as paths_module
 from neumann_optimizer import functional as F
 from neumann_optimizer import optimizer as optimizer_module
 
@@ -169,7 +170,7 @@ def test_explicit_foreach_is_honoured_on_large_cpu_groups(kwargs, compiled, monk
     def record(*args, **kw):
         raise _Called
 
-    monkeypatch.setattr(optimizer_module, "_native_ok", lambda *lists: False)
+    monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
     monkeypatch.setattr(F, "fused_neumann_update", record)
     p = torch.nn.Parameter(torch.zeros(optimizer_module.FUSED_DEFAULT_MIN_NUMEL))
     opt = Neumann([p], **HP, **kwargs)

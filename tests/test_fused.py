@@ -10,8 +10,8 @@ import torch
 from conftest import ElementwiseProblem
 
 from neumann_optimizer import Neumann, _native
+from neumann_optimizer import _paths as paths_module
 from neumann_optimizer import functional as F
-from neumann_optimizer import optimizer as optimizer_module
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
@@ -23,7 +23,7 @@ def _select(monkeypatch, path: str) -> None:
     if path == "native":
         assert _native.available(), _native.unavailable_reason()
     else:
-        monkeypatch.setattr(optimizer_module, "_native_ok", lambda *lists: False)
+        monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
 
 
 def _run(
@@ -167,7 +167,7 @@ def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
 
 
 def test_default_path_choice():
-    from neumann_optimizer.optimizer import FUSED_DEFAULT_MIN_NUMEL, _default_fused
+    from neumann_optimizer._paths import FUSED_DEFAULT_MIN_NUMEL, _default_fused
 
     # where the CPU kernel does not apply, the compiled graph is the default for large CPU groups
     assert _default_fused([torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2), torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2)])

@@ -4,12 +4,14 @@ and the small helpers those paths share."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _native
+from . import functional as F
 from ._distributed import all_reduce_squared_norm
 from .schedule import Phase
 
@@ -128,3 +130,100 @@ def native_update(
     )
     carried[gi] = (_signature(params, vs, lw, lv), sq_next)
     return sq
+
+
+def update_group(
+    opt: Any,
+    gi: int,
+    phase: Phase,
+    mu: float,
+    lr: float,
+    weights: tuple[float, float] | None,
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    apply: Tensor | None = None,
+) -> Tensor | float | None:
+    """One step of ``opt``'s group ``gi`` on the path it takes (the CPU kernel, the compiled graph,
+    multi-tensor or for-loop); returns the squared group norm ``||w - v||^2``
+    the regularizer used (Neumann phase; ``None`` where the path kept it on the device).
+    ``weights``: the regularizer's (alpha, beta) in the Neumann phase, else ``None``.
+    ``apply`` (inside torch.compile): a 0-d bool tensor, the step is written back only where true."""
+    group = opt.param_groups[gi]
+    plain = opt._is_plain(gi)
+    lw, lg, lm = (opt._local(gi, ts) for ts in (params, grads, ms))
+    lv = opt._local(gi, vs) if vs is not None else None  # None: the lean step
+    alpha, beta = weights if weights is not None else (0.0, 0.0)
+    kwargs = dict(
+        phase=phase,
+        lr=lr,
+        momentum=mu,
+        ema_decay=group["ema_decay"],
+        weight_decay=group["weight_decay"],
+    )
+    if _wants_native(group) and _native_ok(lw, lg, lm, *([lv] if lv is not None else [])):
+        return native_update(opt._carried, gi, plain, params, vs, lw, lg, lm, lv, alpha, beta, **kwargs)
+    opt._carried.pop(gi, None)  # a step on another path: its norm was not summed
+    fused = use_fused(opt, group, lw) and apply is None
+    foreach = group["foreach"]
+    if foreach is None:
+        foreach = all(p.device.type != "cpu" for p in lw)
+    sq: Tensor | None = None
+    if fused:
+        try:
+            coef = None  # the compiled graph reduces the norm itself ...
+            if phase is Phase.NEUMANN and not plain and lv is not None:  # ... unless shards must be summed first
+                sq = all_reduce_squared_norm(F.fused_squared_distance(lw, lv), params)
+                coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
+            # detached aliases of the parameters (same storage): the compiled graph then
+            # needs no autograd bookkeeping for inputs that require grad
+            reduced = F.fused_neumann_update(
+                [w.detach() for w in lw],
+                lg,
+                lm,
+                lv,
+                coef=coef,
+                cubic_weight=alpha,
+                repulsive_weight_total=beta,
+                **kwargs,
+            )
+            return sq if sq is not None else reduced
+        except Exception as exc:
+            if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
+                raise
+            fused_fallback(opt, exc)  # compilation failed before anything was written: fall back
+        foreach = True
+    coef, diffs = None, None
+    if phase is Phase.NEUMANN and lv is not None:
+        if foreach and not F.low_precision(lw):  # w - v once: the norm's differences feed the update
+            local_sq, diffs = F.squared_distance_and_diffs(lw, lv, True)
+        else:
+            local_sq = F.squared_distance(lw, lv, foreach)
+        sq = all_reduce_squared_norm(local_sq, params)
+        coef = F.regularizer_coefficient(sq.sqrt(), alpha, beta)
+    F.neumann_update(lw, lg, lm, lv, coef=coef, foreach=foreach, apply=apply, diffs=diffs, **kwargs)
+    return sq
+
+
+def fused_fallback(opt: Any, exc: Exception) -> None:
+    opt._fused_failed = True
+    warnings.warn(
+        f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
+        "falling back to the multi-tensor path",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+
+
+def use_fused(opt: Any, group: dict[str, Any], lw: list[Tensor]) -> bool:
+    fused = group["fused"]
+    if fused is None:  # an explicit foreach=True or False is honoured, as in torch.optim
+        fused = group["foreach"] is None and _default_fused(lw)
+    if not fused or opt._fused_failed:
+        return False
+    if len({(t.device, t.dtype) for t in lw}) != 1 or not lw[0].is_floating_point():
+        if group["fused"]:
+            raise RuntimeError("Neumann(fused=True) needs the parameters of a group on one device, in one dtype")
+        return False
+    return True
