@@ -126,8 +126,11 @@ def test_help_is_plain_text_with_only_the_options_a_study_reads(capsys):
         texts[name] = capsys.readouterr().out
     for name, text in texts.items():
         assert "``" not in text and ":func:" not in text and "issue" not in text.lower(), name
-    for name in _studies():
-        assert "--task" in texts[name] and "--jobs" in texts[name] and "--report" not in texts[name], name
+    flags = {"epochs": "--epochs", "schedule": "--schedule", "seeds": "--seeds", "jobs": "--jobs", "task": "--task"}
+    for name, entry in _studies().items():
+        assert "--report" not in texts[name], name
+        for option, flag in flags.items():  # exactly the options the study reads
+            assert (flag in texts[name]) == (option not in entry.unused_options), (name, flag)
         assert "min on one core" in " ".join(texts[name].split()), name  # how long a full run takes
     assert "--report" in texts["all"] and "--report" in texts["report"]
     assert "--task" not in texts["report"] and "--jobs" not in texts["report"]

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .registry import studies as registered_studies
 from .report import has_results, write_report
@@ -28,9 +29,12 @@ def _full_cost(study: Study | None) -> str:
     minutes = study.full_cost_core_minutes if study is not None else None
     if minutes is None:
         return ""
+    parallel = ""
+    if study is not None and "jobs" not in study.unused_options:
+        parallel = f" (about {max(1, round(minutes / 2))} min with --jobs 2)"
     return (
-        f" A full run trains for about {minutes} min on one core (about {max(1, round(minutes / 2))} min with "
-        "--jobs 2); nothing is trained where docs/results already holds the runs."
+        f" A full run trains for about {minutes} min on one core{parallel}; nothing is trained where docs/results "
+        "already holds the runs."
     )
 
 
@@ -134,34 +138,6 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
     report_quick.add_argument(
         "--quick", action="store_true", help="render the quick runs under --out instead of the committed results"
     )
-    which = argparse.ArgumentParser(add_help=False)  # what a study trains
-    which.add_argument(
-        "--epochs", type=int, default=None, help="override every study's epoch budget (default: each study's own)"
-    )
-    which.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="learning-rate schedule of every run: cosine decay to 0 (default, the documented results), or the "
-        "paper's (linear ramp over 5 epochs, then x0.3 every fifth of the budget); 'regularizers' sets its own",
-    )
-    train = argparse.ArgumentParser(add_help=False)
-    train.add_argument("--seeds", type=int, default=None, help="seeds at the chosen setting (default: per study)")
-    train.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    cores = os.cpu_count() or 1
-    train.add_argument(
-        "--jobs", type=int, default=cores, help=f"runs trained at once, one core each (default: the {cores} cores)"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    task = argparse.ArgumentParser(add_help=False)
-    task.add_argument(
-        "--task",
-        default=None,
-        choices=[*MNIST1D_SIZES, "cifar10"],
-        help="replace the MNIST-1D set of every run (4k and 36k alike); cifar10 needs --data-dir "
-        "(default: each study's own sets)",
-    )
-    task.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task)")
     report = argparse.ArgumentParser(add_help=False)
     report.add_argument(
         "--report",
@@ -179,14 +155,57 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
     subs = {}
     for name in [*studies, "all", "report"]:
         parents = (
-            [where, report_quick, report]
-            if name == "report"
-            else [where, quick, which, train, task] + ([report] if name == "all" else [])
+            [where, report_quick, report] if name == "report" else [where, quick] + ([report] if name == "all" else [])
         )
         entry = studies.get(name)
         text = entry.help if entry is not None else COMMAND_HELP[name]
         subs[name] = sub.add_parser(name, parents=parents, help=text, description=text + _full_cost(entry))
+        if name != "report":
+            _training_options(subs[name], skip=entry.unused_options if entry is not None else ())
     return p, subs
+
+
+def _training_options(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+    """What a study trains and how: the options it reads (``skip``: those its entry says it does not)."""
+    cores = os.cpu_count() or 1
+    options: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+        "epochs": (
+            ("--epochs",),
+            dict(type=int, default=None, help="override every run's epoch budget (default: the study's own)"),
+        ),
+        "schedule": (
+            ("--schedule",),
+            dict(
+                choices=SCHEDULES,
+                default="cosine",
+                help="learning-rate schedule of every run: cosine decay to 0 (default, the documented results), "
+                "or the paper's (linear ramp over 5 epochs, then x0.3 every fifth of the budget)",
+            ),
+        ),
+        "seeds": (("--seeds",), dict(type=int, default=None, help="seeds at the chosen setting (default: per study)")),
+        "device": (("--device",), dict(default="cpu", help="cpu or cuda (default: cpu)")),
+        "jobs": (
+            ("--jobs",),
+            dict(type=int, default=cores, help=f"runs trained at once, one core each (default: the {cores} cores)"),
+        ),
+        "no_progress": (("--no-progress",), dict(action="store_true", help="no progress bars")),
+        "task": (
+            ("--task",),
+            dict(
+                default=None,
+                choices=[*MNIST1D_SIZES, "cifar10"],
+                help="replace the MNIST-1D set of every run (4k and 36k alike); cifar10 needs --data-dir "
+                "(default: each study's own sets)",
+            ),
+        ),
+        "data_dir": (
+            ("--data-dir",),
+            dict(type=Path, default=None, help="CIFAR-10 python-pickle directory (with --task cifar10)"),
+        ),
+    }
+    for name, (flags, kwargs) in options.items():
+        if name not in skip:
+            p.add_argument(*flags, **kwargs)
 
 
 # what a subcommand without the option (report has no training options, studies no --report) reads

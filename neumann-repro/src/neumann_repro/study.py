@@ -34,6 +34,8 @@ class Study:
     run: Callable[[Runner, Settings], str]
     render: Callable[[Payload, Path], Rendered]
     verdict: Callable[[dict[str, Any]], str]
+    # command-line options of the training studies that this one does not read (left off its help)
+    unused_options: tuple[str, ...] = ()
 
 
 @dataclass

@@ -478,4 +478,5 @@ STUDY = Study(
     run=critical_batch,
     render=render_critical_batch,
     verdict=verdict,
+    unused_options=("epochs", "schedule", "seeds"),  # budgets in steps, cosine per budget, 2 seeds
 )

@@ -143,4 +143,5 @@ STUDY = Study(
     run=curvature,
     render=render_curvature,
     verdict=verdict,
+    unused_options=("schedule", "seeds", "jobs"),  # one traced run
 )

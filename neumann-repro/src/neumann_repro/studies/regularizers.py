@@ -292,4 +292,5 @@ STUDY = Study(
     run=regularizers,
     render=render_regularizers,
     verdict=verdict,
+    unused_options=("schedule",),  # it runs both schedules itself
 )
