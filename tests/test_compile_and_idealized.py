@@ -182,3 +182,40 @@ def test_algorithm1_converges_to_newton_step():
     # one outer step with eta_out = eta_in and many inner steps lands on the minimizer
     w1 = neumann_outer_step(lambda x: a @ x - b, w, eta, eta, 2000)
     torch.testing.assert_close(w1, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_step_reads_nothing_on_the_host_in_steady_state(monkeypatch):
+    """With the default nonfinite="skip" and a tensor lr, steady-state compiled steps make no host
+    read (no .item(), bool(), float() or .tolist() of a tensor); the eager multi-tensor step, for
+    comparison, makes one per step (its finite check)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    kw = dict(lr=torch.tensor(0.05), burn_in_steps=2, reset_steps=3, momentum_ramp_steps=4, foreach=True)
+    opt = Neumann(params, **kw)
+    step = torch.compile(opt.step, backend="eager")
+    for p in params:
+        p.grad = torch.sin(p.detach())
+    for _ in range(3):  # the first-step graph, then the steady one
+        step()
+    reads = []
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(20):
+        step()
+    compiled_reads = len(reads)
+    eager = Neumann([torch.nn.Parameter(p.detach().clone()) for p in params], **kw)
+    for p in eager.param_groups[0]["params"]:
+        p.grad = torch.sin(p.detach())
+    eager.step()
+    reads.clear()
+    for _ in range(5):
+        eager.step()
+    assert compiled_reads == 0, reads
+    assert len(reads) >= 5  # the eager multi-tensor path still reads its finite check on the host
