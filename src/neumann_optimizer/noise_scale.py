@@ -24,6 +24,7 @@ all-reduce each time the estimate is read).
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations as objects.
 import math
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -128,6 +129,9 @@ class DDPNoiseScaleState:
         if self.world_size < 2:
             raise ValueError("the DDP noise-scale hook needs at least 2 ranks (two batch sizes)")
         self.local_batch = local_batch
+        # the all-reduce callbacks of different buckets may run at once on communication threads:
+        # every accumulation holds this lock (a lost update once made the estimate 30 instead of 17)
+        self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
@@ -135,9 +139,12 @@ class DDPNoiseScaleState:
         self.global_sq: Tensor | None = None  # sum over steps of |G_global|^2 (the same on every rank)
         self.steps = 0
 
-    def _add(self, name: str, value: Tensor) -> None:
-        current = getattr(self, name)
-        setattr(self, name, value if current is None else current + value)
+    def _add(self, name: str, value: Tensor, step_done: bool = False) -> None:
+        with self._lock:
+            current = getattr(self, name)
+            setattr(self, name, value if current is None else current + value)
+            if step_done:
+                self.steps += 1
 
     def value(self) -> NoiseScale:
         """The noise scale from the steps since the last reset: the small batch is each rank's
@@ -162,9 +169,7 @@ def _noise_scale_hook(state: DDPNoiseScaleState, bucket: _GradBucket) -> torch.f
 
     def received(fut: torch.futures.Future[Any]) -> torch.Tensor:
         out = fut.value()[0]
-        state._add("global_sq", out.detach().double().square().sum())
-        if bucket.is_last():
-            state.steps += 1
+        state._add("global_sq", out.detach().double().square().sum(), step_done=bucket.is_last())
         return out
 
     return fut.then(received)
