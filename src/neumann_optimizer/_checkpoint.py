@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+from .functional import LOW_PRECISION
 
 
 def v_dtype(p: Tensor) -> torch.dtype:

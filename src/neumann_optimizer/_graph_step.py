@@ -2,7 +2,7 @@
 
 Eager steps decide each step's phase and momentum on the host from the group's counters (plain
 ints and floats in ``param_groups``). Traced by dynamo, every such value becomes a guard, and the
-counters change every step: the step recompiled along the schedule (16 graphs in 60 steps) and
+counters change every step: the step recompiled along the schedule (15 graphs in 60 steps) and
 fell back to eager past dynamo's recompile limit. Here the counters live in 0-d tensors on the
 parameters' device and every phase is one branch-free form with scalar factors, as in
 ``neumann_optax``::
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._hyperparams import regularizer_scale
 from .schedule import Phase, StepPlan, constant_momentum, momentum_at
 
 INT_KEYS = ("step", "next_reset", "reset_interval", "skipped_steps", "consecutive_skipped_steps")
@@ -84,7 +85,7 @@ def graph_step(
     if vs is not None:  # the regularizer: r over the group, c = alpha r - beta / r^3 on regular steps
         sq = sum(((w.to(f) - v.to(f)) ** 2).sum() for w, v in zip(params, vs, strict=True))  # type: ignore[assignment]
         r = sq.sqrt()
-        scale = _scale(group, lr)
+        scale = regularizer_scale(group, lr)
         alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
         regular = torch.logical_not(torch.logical_or(in_burn, is_reset))
         ok = regular & torch.isfinite(r) & (r > 0)
@@ -129,15 +130,6 @@ def graph_step(
     }
     for key, value in updates.items():
         sched[key].copy_(value)
-
-
-def _scale(group: dict[str, Any], lr: Tensor | float) -> Tensor | float:
-    """:func:`_hyperparams.regularizer_scale` with the learning rate kept a tensor."""
-    sched = group["regularizer_schedule"]
-    if sched == "constant" or group["reference_lr"] <= 0:
-        return 1.0
-    ratio = lr / group["reference_lr"]
-    return ratio if sched == "lr" else ratio ** float(sched)
 
 
 def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple[Any, ...] | None]:

@@ -151,13 +151,15 @@ def is_lean(group: dict[str, Any]) -> bool:
     return group["cubic_weight"] == 0 and group["repulsive_weight"] == 0
 
 
-def regularizer_scale(group: dict[str, Any]) -> float:
+def regularizer_scale(group: dict[str, Any], lr: Any = None) -> Any:
     """The factor on ``alpha`` and ``beta`` at the group's next step: 1 (``"constant"``, the
-    paper), ``lr / reference_lr`` (``"lr"``) or ``(lr / reference_lr) ** p`` (a number ``p``)."""
+    paper), ``lr / reference_lr`` (``"lr"``) or ``(lr / reference_lr) ** p`` (a number ``p``).
+    ``lr``: the learning rate to use (a tensor stays one, as inside a compiled step); default the
+    group's, as a float."""
     sched = group["regularizer_schedule"]
     if sched == "constant" or group["reference_lr"] <= 0:
         return 1.0
-    ratio = float(group["lr"]) / group["reference_lr"]
+    ratio = (float(group["lr"]) if lr is None else lr) / group["reference_lr"]
     return ratio if sched == "lr" else ratio ** float(sched)
 
 

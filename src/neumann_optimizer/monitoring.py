@@ -97,13 +97,11 @@ class StepLog:
         self.every_n_steps = every_n_steps
         self.sink = sink
         self.prefix = prefix
-        self.calls = 0
         self.latest: tuple[int, dict[str, float]] | None = None
-        self._taken = 0  # the call count of the metrics take() handed out last
+        self._taken = 0  # the step count of the metrics take() handed out last
         self._handle = optimizer.register_step_post_hook(self._hook)
 
     def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.calls += 1
         step = steps_taken(optimizer)
         if step % self.every_n_steps or (self.latest is not None and self.latest[0] == step):
             return

@@ -417,7 +417,8 @@ class Neumann(EvaluationWeights, Optimizer):
         ms, vs = self._buffers(group, params, lean)
         lr = float(group["lr"])
         weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean else None
-        sq = self._update(gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, None if lean else vs, apply)
+        vs_ = None if lean else vs
+        sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)
         self._records[gi] = (plan, lr, sq, weights, lean)
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
@@ -438,9 +439,6 @@ class Neumann(EvaluationWeights, Optimizer):
     def _local(self, gi: int, ts: list[Tensor]) -> list[Tensor]:
         """The real local tensors the kernels work on: ``ts`` itself for a plain group."""
         return ts if self._is_plain(gi) else [_real(local_tensor(t)) for t in ts]
-
-    def _update(self, gi: int, *args: Any, **kwargs: Any) -> Tensor | float | None:
-        return update_group(self, gi, *args, **kwargs)  # the path a group's step takes: _paths
 
     def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
         return use_fused(self, group, lw)
