@@ -67,7 +67,15 @@ class CompiledGraph(Neumann):
             return super().step(closure)
 
 
-def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+def compiled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose ``step`` is ``torch.compile(opt.step)``."""
+    opt.step = torch.compile(opt.step)  # type: ignore[method-assign]
+    return opt
+
+
+def make_optimizers(
+    params: list[torch.nn.Parameter], device: str, with_compile: bool = False
+) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     neu = dict(lr=1e-3, burn_in_steps=0, reset_steps=10**9, momentum_ramp_steps=1)
     lean = dict(neu, cubic_weight=0.0, repulsive_weight=0.0)
     kernel = " [CPU kernel]" if device == "cpu" and _native.available() else " [compiled graph]"
@@ -99,6 +107,23 @@ def make_optimizers(params: list[torch.nn.Parameter], device: str) -> dict[str, 
         impls["Neumann(fused=True, nonfinite='ignore') [compiled graph]"] = lambda: CompiledGraph(
             params, fused=True, nonfinite="ignore", **neu
         )
+    # torch.compile(opt.step), as torch's tutorials compile Adam (a tensor lr for Neumann, as its README
+    # says); the "first 2 steps" column holds the compile time
+    if not with_compile:  # (compiling them takes minutes on a small CPU)
+        return impls
+    lr_t = dict(neu, lr=torch.tensor(1e-3))
+    impls["torch.compile(Adam(foreach=True).step)"] = lambda: compiled(torch.optim.Adam(params, lr=1e-3, foreach=True))
+    impls["torch.compile(Adam(fused=True).step)"] = lambda: compiled(torch.optim.Adam(params, lr=1e-3, fused=True))
+    impls["torch.compile(SGD(nesterov, foreach=True).step)"] = lambda: compiled(
+        torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, foreach=True)
+    )
+    impls["torch.compile(SGD(nesterov, fused=True).step)"] = lambda: compiled(
+        torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, fused=True)
+    )
+    impls["torch.compile(Neumann().step)"] = lambda: compiled(Neumann(params, **lr_t))
+    impls["torch.compile(Neumann lean.step)"] = lambda: compiled(
+        Neumann(params, **dict(lr_t, cubic_weight=0.0, repulsive_weight=0.0))
+    )
     return impls
 
 
@@ -122,10 +147,12 @@ def bandwidth(device: str, n: int = 64 * 2**20, reps: int = 10) -> float:
     return 3 * 4 * n / statistics.median(times) / 1e9
 
 
-def bench_size(total: int, device: str, rounds: int, steps: int, only: list[str] | None = None) -> None:
+def bench_size(
+    total: int, device: str, rounds: int, steps: int, only: list[str] | None = None, with_compile: bool = False
+) -> None:
     params = transformer_like(total, device=device)
     n = sum(p.numel() for p in params)
-    impls = make_optimizers(params, device)
+    impls = make_optimizers(params, device, with_compile)
     if only:
         impls = {k: f for k, f in impls.items() if k == "Adam(fused=True)" or any(o in k for o in only)}
     opts: dict[str, torch.optim.Optimizer] = {}
@@ -190,10 +217,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="substrings of the implementations to time")
+    ap.add_argument(
+        "--compile", action="store_true", help="also torch.compile(opt.step) of Neumann, Adam and SGD (minutes)"
+    )
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for size in args.sizes:
-        bench_size(int(size * 1e6), args.device, args.rounds, args.steps, args.only)
+        bench_size(int(size * 1e6), args.device, args.rounds, args.steps, args.only, args.compile)
 
 
 if __name__ == "__main__":

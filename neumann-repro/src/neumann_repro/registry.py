@@ -9,6 +9,7 @@ from importlib import import_module
 from .study import Study
 
 MODULES = (
+    "calibration",  # the yardstick of every verdict: first
     "compare",
     "batch_scaling",
     "ablation",
@@ -16,6 +17,7 @@ MODULES = (
     "curvature",
     "regularizers",
     "critical_batch",
+    "ingredients",
     "architectures",
 )
 

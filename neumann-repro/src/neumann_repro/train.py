@@ -7,12 +7,15 @@ A run config is a flat dict (hashed for the cache)::
     threshold; the run reports the fraction of steps clipped), bn_variants (Neumann with a
     BatchNorm model: also the test error at the training weights w and at w - mu m without
     recomputed BatchNorm statistics),
-    and for Neumann: cubic_weight, repulsive_weight, burn_in_epochs, regularizer_schedule
+    and for Neumann: cubic_weight, repulsive_weight, burn_in_epochs, regularizer_schedule, momentum
+    (a constant mu, no ramp), resets (False: none), eval_at_w (also the errors at the training
+    weights w: ``val_error_at_w``, ``test_error_at_w``)
 
 Every optimizer uses the same schedule family, ``schedule`` (absent: ``"cosine"``):
 
-- ``"cosine"``: linear warmup over ``warmup_epochs`` (baselines; Neumann's burn-in and momentum
-  ramp are its own warmup), then cosine decay to 0 at the end.
+- ``"cosine"``: linear warmup over ``warmup_epochs`` (the baselines'; Neumann's burn-in and momentum
+  ramp are its own warmup, so its configs have ``warmup_epochs=0`` unless a study replaces the
+  burn-in by the warmup), then cosine decay to 0 at the end.
 - ``"paper"``: the paper's schedule (its section 4: a linear ramp over the first epochs, then the
   rate multiplied by 0.3 every 40 of its ~200 epochs), scaled to the budget: a linear ramp over
   ``warmup_epochs`` for every optimizer, Neumann included (its burn-in runs during the ramp, as in
@@ -46,6 +49,7 @@ OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "adamw", "rmsprop", 
 
 
 SCHEDULES = ("cosine", "paper")
+NO_RESETS = 2**62  # a first reset interval no run reaches
 PAPER_DECAY = 0.3  # the paper's staircase factor
 PAPER_DECAYS_PER_RUN = 5  # the paper: every 40 epochs of ~200
 
@@ -73,8 +77,6 @@ def schedule_factor(cfg: dict[str, Any], total: int, steps_per_epoch: int) -> Ca
         return functools.partial(paper_lr_factor, total=total, warmup=warmup)
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
-    if cfg["optimizer"] == "neumann":  # its burn-in and momentum ramp are its own warmup
-        warmup = 0
     return functools.partial(lr_factor, total=total, warmup=warmup)
 
 
@@ -90,6 +92,10 @@ def make_optimizer(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int) 
                 kw[key] = cfg[key]
         if cfg.get("burn_in_epochs") is not None:
             kw["burn_in_steps"] = int(cfg["burn_in_epochs"] * steps_per_epoch)
+        if cfg.get("momentum") is not None:
+            kw["momentum"] = float(cfg["momentum"])
+        if cfg.get("resets") is False:
+            kw["reset_steps"] = NO_RESETS
         return Neumann(params, lr=lr, steps_per_epoch=steps_per_epoch, **kw)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
@@ -203,10 +209,11 @@ def _noise_probe(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -
 
 def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
     """A run with a budget of ``cfg["steps"]`` optimizer steps (critical-batch study): the learning
-    rate warms up linearly over ``warmup_frac`` of the budget (baselines; Neumann's burn-in is its
-    own) and decays to 0 by cosine at the budget's end; validation and test errors are taken at
-    ``evals`` evenly spaced points (Neumann at its evaluation weights). With ``noise_scale``, each
-    point also estimates tr(Sigma) and |G|^2 at the training weights (``_noise_probe``)."""
+    rate warms up linearly over ``warmup_frac`` of the budget (the baselines' configs have it;
+    Neumann's burn-in is its own warmup, unless a config gives it one too) and decays to 0 by
+    cosine at the budget's end; validation and test errors are taken at ``evals`` evenly spaced
+    points (Neumann at its evaluation weights). With ``noise_scale``, each point also
+    estimates tr(Sigma) and |G|^2 at the training weights (``_noise_probe``)."""
     torch.manual_seed(cfg["seed"])
     model = make_model(cfg["model"], data, cfg.get("width")).to(device)
     n = len(data.x_train)
@@ -214,8 +221,7 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
     steps_per_epoch = max(1, n // batch)
     total = int(cfg["steps"])
     opt = make_optimizer(cfg, model, steps_per_epoch)
-    is_neumann = isinstance(opt, Neumann)
-    warmup = 0 if is_neumann else int(cfg.get("warmup_frac", 0.0) * total)
+    warmup = int(cfg.get("warmup_frac", 0.0) * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, total=total, warmup=warmup))
     evals = max(1, int(cfg.get("evals", 16)))
     points = sorted({max(1, round(total * k / evals)) for k in range(1, evals + 1)})
@@ -248,7 +254,7 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
         entry: dict[str, Any] = dict(step=step, train_loss=train_loss)
         if cfg.get("noise_scale"):
             entry["trace_sigma"], entry["grad_sq"] = _noise_probe(model, x_train, y_train, probe_gen)
-        entry.update(_evaluate_run(model, opt, data, device, bn_batches))
+        entry.update(_evaluate_run(model, opt, data, device, bn_batches), **_at_w(cfg, model, data, device))
         diverged = not (math.isfinite(train_loss) and math.isfinite(entry["val_loss"]))
         history.append(entry)
     return _result(cfg, history, diverged, t0, n, steps_per_epoch, step, opt)
@@ -275,6 +281,17 @@ def _evaluate_run(
             model.load_state_dict(saved, strict=False)
         neumann.train()
     return out
+
+
+def _at_w(cfg: dict[str, Any], model: nn.Module, data: Dataset, device: torch.device) -> dict[str, float]:
+    """With ``eval_at_w``: the validation and test errors at the training weights w (a model
+    without BatchNorm; between steps the model holds w)."""
+    if not cfg.get("eval_at_w"):
+        return {}
+    return dict(
+        val_error_at_w=evaluate(model, data.x_val, data.y_val, device)[1],
+        test_error_at_w=evaluate(model, data.x_test, data.y_test, device)[1],
+    )
 
 
 def _result(
@@ -357,7 +374,7 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
             variants["test_error_no_bn_update"] = evaluate(model, data.x_test, data.y_test, device)[1]
             opt.train()  # type: ignore[attr-defined]
         entry: dict[str, Any] = dict(epoch=epoch, train_loss=train_loss)
-        entry.update(_evaluate_run(model, opt, data, device, bn_batches), **variants)
+        entry.update(_evaluate_run(model, opt, data, device, bn_batches), **variants, **_at_w(cfg, model, data, device))
         if not math.isfinite(entry["val_loss"]):
             diverged = True
         if monitor is not None:

@@ -141,10 +141,11 @@ def tune(
 
 
 def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int) -> dict[str, Any]:
-    """A cell's choice and its test (and validation) errors over the final seeds at the chosen rate."""
+    """A cell's choice and its test errors over the final seeds at the chosen rate (``report``: those
+    of the seeds that did not tune it)."""
     choice = choose(runs, tune_seeds)
     at = [r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds]
-    test = [final(r, "test_error") for r in at]
+    test = [final(r, "test_error") for r in sorted(at, key=lambda r: r["config"]["seed"])]
     m, s = mean_std(test)
     return dict(
         lr=choice.lr,
@@ -159,4 +160,10 @@ def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int)
         steps=at[0]["steps"] if at else 0,
         neumann_steps=at[0].get("neumann_steps") if at else None,
         diverged=sum(r["diverged"] for r in at),
+        # the test errors of the seeds that did not tune the rate: what a verdict compares (verdicts)
+        report=[
+            final(r, "test_error")
+            for r in sorted(at, key=lambda r: r["config"]["seed"])
+            if r["config"]["seed"] >= tune_seeds
+        ],
     )

@@ -37,7 +37,7 @@ from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, fini
 from ..tables import fmt, lr_range, plural, spread
 from ..tasks import make_model
 from ..tuning import Protocol, summarize, tune
-from ..verdicts import judge
+from ..verdicts import ALPHA, compare, contrast_p, judge, said_p
 from .batch_scaling import render_batch_scaling
 from .batch_scaling import verdict as batch_scaling_verdict
 
@@ -282,6 +282,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
                 final_mean=r["test_mean"],
                 final_std=r["test_std"],
                 seeds=r["seeds"],
+                report=r["report"],
                 interior=r["interior"],
                 epochs_to_target=e,
                 epochs=f["epochs"],
@@ -385,15 +386,14 @@ def _scaling(payload: Payload, out_dir: Path) -> Rendered:
     return table.split("\n", 1)[1].strip(), summ
 
 
-def _standing(summ: dict[str, Any], fam: str, row: str) -> tuple[float, float, str, dict[str, Any]] | None:
-    """(Neumann's gap to the family's best baseline, its variance, the baseline, Neumann's row)."""
+def _standing(summ: dict[str, Any], fam: str, row: str) -> tuple[float, str, dict[str, Any]] | None:
+    """(Neumann's gap to the family's best baseline, the baseline, Neumann's row)."""
     neu = summ.get(f"{fam}/{row}")
     bases = [(o, summ[f"{fam}/{o}"]) for o in BASELINES if f"{fam}/{o}" in summ]
     if neu is None or not bases:
         return None
     name, base = min(bases, key=lambda kv: kv[1]["final_mean"])
-    var = neu["final_std"] ** 2 / max(neu["seeds"], 1) + base["final_std"] ** 2 / max(base["seeds"], 1)
-    return base["final_mean"] - neu["final_mean"], var, name, neu
+    return base["final_mean"] - neu["final_mean"], name, neu
 
 
 def verdict(summ: dict[str, Any]) -> str:
@@ -403,27 +403,33 @@ def verdict(summ: dict[str, Any]) -> str:
         st = _standing(summ, fam, "neumann-default")
         if st is None:
             continue
-        gap, var, name, neu = st
+        gap, name, neu = st
         base = summ[f"{fam}/{name}"]
         reached = f"{neu['epochs_to_target']} of {neu['epochs']}" if neu["epochs_to_target"] else "none of its"
         parts.append(
             f"{fam}: Neumann (default) {neu['final_mean']:.2f}% vs {LABELS[name]} {base['final_mean']:.2f}%, "
-            f"{gap:+.2f} points in Neumann's favour, {judge(gap, 2 * math.sqrt(var))}; reaches the target in "
+            f"{gap:+.2f} points in Neumann's favour, {judge(neu['report'], base['report'])}; reaches the target in "
             f"{reached} epochs; burn-in {100 * summ.get(f'{fam}/burn_in_share', 0):.3g}% of the run"
         )
     for row in ("neumann-default", "neumann"):
         plain, clipped = _standing(summ, "gru", row), _standing(summ, "gru-clip", row)
         if plain is None or clipped is None:
             continue
-        (g0, v0, *_), (g1, v1, *_) = plain, clipped
-        change, noise = g1 - g0, 2 * math.sqrt(v0 + v1)
+        (g0, b0, n0), (g1, b1, n1) = plain, clipped
+        change = g1 - g0
+        # the change of a difference: (baseline - Neumann) clipped minus the same without clipping
+        groups = [summ[f"gru-clip/{b1}"]["report"], n1["report"], summ[f"gru/{b0}"]["report"], n0["report"]]
+        p = contrast_p(groups, [1.0, -1.0, -1.0, 1.0])
+        seen = p is not None and p < ALPHA
         # the paper's finding: with clipping on, Neumann falls behind the baseline, and further than without
-        worse = g1 < -2 * math.sqrt(v1) and change < -noise
-        judged = judge(change, noise).replace("better", "a gain").replace("worse", "a loss")
+        behind = compare(n1["report"], summ[f"gru-clip/{b1}"]["report"])[0] == "worse"
+        worse = behind and seen and change < 0
+        judged = "cannot be told apart" if not seen else ("a gain" if change > 0 else "a loss")
+        seeds = "/".join(str(len(g)) for g in groups) + " seeds"
         parts.append(
             f"Section 4.4 (GRU, {LABELS[row]}): clipping moves Neumann's standing against the best baseline by "
-            f"{change:+.2f} points (noise {noise:.2f}), {judged}: **{'reproduced' if worse else 'not reproduced'}** "
-            "(the paper: Neumann fails where clipping is on)"
+            f"{change:+.2f} points, {judged} ({said_p(p, seeds)}): "
+            f"**{'reproduced' if worse else 'not reproduced'}** (the paper: Neumann fails where clipping is on)"
         )
     if summ.get("scaling"):
         parts.append("CNN batch scaling: " + batch_scaling_verdict(summ["scaling"]))

@@ -13,7 +13,8 @@ from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
 from ..tuning import Protocol, summarize, tune
-from ..verdicts import judge, noise
+from ..verdicts import compare as rule
+from ..verdicts import judge
 
 # ---------------------------------------------------------------- compare (Table 2)
 # (task, model, batch, full epoch budget); quick mode runs the first task only.
@@ -115,6 +116,7 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
                 final_mean=row["test_mean"],
                 final_std=row["test_std"],
                 seeds=row["seeds"],
+                report=row["report"],
                 interior=row["interior"],
                 epochs_to_target=e,
             )
@@ -141,8 +143,10 @@ def verdict(summ: dict[str, Any]) -> str:
             continue
         name, base = min(bases, key=lambda kv: kv[1]["final_mean"])
         gap = base["final_mean"] - neu["final_mean"]
-        judged = judge(gap, noise(neu, base, "final_mean", "final_std", "seeds"))
-        word = "reproduced" if judged.startswith("better") else "not reproduced"
+        judged = judge(neu["report"], base["report"])
+        word = {"better": "reproduced", "worse": "not reproduced", "cannot tell": "cannot tell"}[
+            rule(neu["report"], base["report"])[0]
+        ]
         parts.append(
             f"{task}: Neumann {neu['final_mean']:.2f}% vs best baseline ({LABELS[name]}) "
             f"{base['final_mean']:.2f}%, {gap:+.2f} points in Neumann's favour, {judged}: **{word}**"

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..optimizers import BASELINES, LABELS
 from ..plotting import BAND, batch_axis, pyplot, save_figure, style
-from ..runner import Runner
+from ..runner import Runner, config_key
 from ..runs import CHANCE_ERROR
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import plural
@@ -50,6 +50,7 @@ QUICK = dict(
     start_examples=30_000,
 )
 SEEDS = 2  # seed 0 tunes, seeds 0 and 1 make the mean curve
+DEFAULT_SEEDS = tuple(range(SEEDS))
 WARMUP_FRAC = 0.05  # baselines' linear warmup, a share of each budget
 EVALS = 16  # evaluation points per run
 MAX_EXTENSIONS = 4  # learning-rate grid extensions per budget
@@ -62,18 +63,18 @@ def _first_hit(curve: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
-def _curve(run: dict[str, Any]) -> list[tuple[int, float]]:
+def _curve(run: dict[str, Any], metric: str = "val_error") -> list[tuple[int, float]]:
     """(step, validation error) of a run; a diverged run counts as chance from where it stopped."""
-    pts = [(h["step"], h["val_error"] if math.isfinite(h["val_error"]) else CHANCE_ERROR) for h in run["history"]]
+    pts = [(h["step"], h[metric] if math.isfinite(h[metric]) else CHANCE_ERROR) for h in run["history"]]
     if run["diverged"] or not pts:
         pts.append((run["config"]["steps"], CHANCE_ERROR))
     return pts
 
 
-def _score(run: dict[str, Any], target: float) -> tuple[float, float]:
+def _score(run: dict[str, Any], target: float, metric: str = "val_error") -> tuple[float, float]:
     """How a seed-0 run ranks its learning rate: first step at the target (inf if never), then the
     final validation error."""
-    curve = _curve(run)
+    curve = _curve(run, metric)
     hit = _first_hit(curve, target)
     return (hit if hit is not None else math.inf, curve[-1][1])
 
@@ -88,25 +89,29 @@ class Budget:
     interior: bool
     mean_curve: list[tuple[int, float]] | None = None  # None until the second seed ran
     first_hit: int | None = None
+    seed_hits: dict[int, int | None] = field(default_factory=dict)  # each seed's own first step at the target
 
     @property
     def reached(self) -> bool:
         return self.first_hit is not None
 
 
-def budget_result(runs: list[dict[str, Any]], target: float) -> Budget:
-    """The choice at one budget from its runs (pure)."""
+def budget_result(
+    runs: list[dict[str, Any]], target: float, seeds: tuple[int, ...] = DEFAULT_SEEDS, metric: str = "val_error"
+) -> Budget:
+    """The choice at one budget from its runs (pure): seed 0 tunes, ``seeds`` make the mean curve."""
     steps = runs[0]["config"]["steps"]
-    scores = {float(r["config"]["lr"]): _score(r, target) for r in runs if r["config"]["seed"] == 0}
+    scores = {float(r["config"]["lr"]): _score(r, target, metric) for r in runs if r["config"]["seed"] == 0}
     best = min(scores, key=lambda lr: (*scores[lr], lr))
     lrs = sorted(scores)
     b = Budget(steps, scores, best, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
-    at = [r for r in runs if float(r["config"]["lr"]) == best and r["config"]["seed"] < SEEDS]
-    if len({r["config"]["seed"] for r in at}) == SEEDS:
-        curves = [dict(_curve(r)) for r in at]
+    at = {r["config"]["seed"]: r for r in runs if float(r["config"]["lr"]) == best and r["config"]["seed"] in seeds}
+    if len(at) == len(seeds):
+        curves = [dict(_curve(at[s], metric)) for s in seeds]
         common = sorted(set.intersection(*(set(c) for c in curves)))
         b.mean_curve = [(s, statistics.fmean(c[s] for c in curves)) for s in common]
         b.first_hit = _first_hit(b.mean_curve, target)
+        b.seed_hits = {s: _first_hit(_curve(at[s], metric), target) for s in seeds}
     return b
 
 
@@ -129,11 +134,13 @@ class CellResult:
         return s.steps <= first_budget or (below is not None and below.mean_curve is not None and not below.reached)
 
 
-def cell_result(runs: list[dict[str, Any]], target: float) -> CellResult:
+def cell_result(
+    runs: list[dict[str, Any]], target: float, seeds: tuple[int, ...] = DEFAULT_SEEDS, metric: str = "val_error"
+) -> CellResult:
     by_budget: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
         by_budget.setdefault(int(r["config"]["steps"]), []).append(r)
-    return CellResult({s: budget_result(rs, target) for s, rs in sorted(by_budget.items())})
+    return CellResult({s: budget_result(rs, target, seeds, metric) for s, rs in sorted(by_budget.items())})
 
 
 # ---------------------------------------------------------------- the search
@@ -149,6 +156,11 @@ class _Search:
     tried: dict[int, set[int]] = field(default_factory=dict)  # budget -> grid indices of lrs
     extensions: dict[int, int] = field(default_factory=dict)
     done: bool = False
+    seeds: tuple[int, ...] = DEFAULT_SEEDS  # the seeds whose mean curve decides (seed 0 tunes)
+    metric: str = "val_error"  # the curve that is searched (a run record's history key)
+
+    def result(self, runs: list[dict[str, Any]], target: float) -> Budget:
+        return budget_result(runs, target, self.seeds, self.metric)
 
     def cfg(self, steps: int, lr: float, seed: int) -> dict[str, Any]:
         return {**self.base, "steps": steps, "lr": lr, "seed": seed}
@@ -164,7 +176,7 @@ def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, 
             near = [s for s in search.tried if search.tried[s]]
             if near:  # start from the choice at the nearest budget tried
                 nearest = min(near, key=lambda s: abs(math.log2(s / steps)))
-                centre = budget_result(runs[nearest], target).lr
+                centre = search.result(runs[nearest], target).lr
             i = lr_index(centre)
             search.tried[steps] = {i - 1, i, i + 1}
             search.extensions[steps] = 0
@@ -172,16 +184,16 @@ def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, 
         need = [search.cfg(steps, lr_at(i), 0) for i in sorted(search.tried[steps]) if (lr_at(i), 0) not in have]
         if need:
             return need
-        b = budget_result(runs[steps], target)
+        b = search.result(runs[steps], target)
         if not b.interior and search.extensions[steps] < MAX_EXTENSIONS:
             i, idx = lr_index(b.lr), search.tried[steps]
             idx.add(i - 1 if i == min(idx) else i + 1)
             search.extensions[steps] += 1
             continue
-        need = [search.cfg(steps, b.lr, s) for s in range(SEEDS) if (b.lr, s) not in have]
+        need = [search.cfg(steps, b.lr, s) for s in search.seeds if (b.lr, s) not in have]
         if need:
             return need
-        result = cell_result([r for rs in runs.values() for r in rs], target)
+        result = cell_result([r for rs in runs.values() for r in rs], target, search.seeds, search.metric)
         if b.reached:  # the search only walks down from a reaching budget: it is the smallest so far
             if result.verified(lo):
                 search.done = True
@@ -194,6 +206,25 @@ def _plan(search: _Search, runs: dict[int, list[dict[str, Any]]], st: dict[str, 
             else:
                 search.budget = steps * 2
     return []
+
+
+def run_searches(
+    runner: Runner, searches: list[_Search], st: dict[str, Any], study: str
+) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Walk every cell's ladder in rounds (each round's runs trained together, through the cache):
+    each cell's runs by budget, tagged with ``"cell"``."""
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {x.name: {} for x in searches}
+    round_ = 0
+    while True:
+        plan = [(x, c) for x in searches for c in _plan(x, runs[x.name], st)]
+        if not plan:
+            return runs
+        round_ += 1
+        unique = {config_key(c): c for _, c in plan}  # cells that search the same runs train them once
+        desc = f"{study}: round {round_} of budgets and rates ({len(unique)} runs)"
+        done = dict(zip(unique, runner.run_all(list(unique.values()), desc), strict=True))
+        for x, c in plan:
+            runs[x.name].setdefault(int(c["steps"]), []).append({"cell": x.name, **done[config_key(c)]})
 
 
 def max_budget(st: dict[str, Any], batch: int, train_size: int) -> int:
@@ -233,16 +264,7 @@ def critical_batch(runner: Runner, s: Settings) -> str:
             guess = centre * math.sqrt(b / 256)
             top = max_budget(st, b, train_size)
             searches.append(_Search(f"{name}/{b}", cfg, guess, min(start_budget(st, b), top), top))
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {x.name: {} for x in searches}
-    round_ = 0
-    while True:
-        plan = [(x, c) for x in searches for c in _plan(x, runs[x.name], st)]
-        if not plan:
-            break
-        round_ += 1
-        desc = f"critical-batch: round {round_} of budgets and rates ({len(plan)} runs)"
-        for (x, c), res in zip(plan, runner.run_all([c for _, c in plan], desc), strict=True):
-            runs[x.name].setdefault(int(c["steps"]), []).append({"cell": x.name, **res})
+    runs = run_searches(runner, searches, st, "critical-batch")
     flat = [r for cell in runs.values() for per in cell.values() for r in per]
     # the gradient noise scale along the tuned run of each optimizer at one batch size
     probe_batch = st["batches"][len(st["batches"]) // 2]

@@ -21,7 +21,7 @@ from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, spread
 from ..tuning import Protocol, summarize, tune
-from ..verdicts import noise
+from ..verdicts import compare, judge
 
 # name -> (label, the Neumann arguments that differ from the paper's Table 1)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -100,10 +100,6 @@ def regularizers(runner: Runner, s: Settings) -> str:
     return finish(runner, s, payload, render_regularizers)
 
 
-def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return noise(a, b, "test_mean", "test_std", "seeds")
-
-
 def cell_summary(runs: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
     """A (cell, variant)'s tuned choice, final and best test error along the run, late loss, and
     the repulsive-force fractions, over the final seeds at the chosen rate."""
@@ -162,7 +158,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
         "(what the end of training gave back); 'repulsive > |g|': fraction of regularized steps whose repulsive "
         "force beta/r^2 exceeded the mini-batch gradient norm, whole run / last 10% of steps; 'vs paper': the "
         "final error's difference from the paper's regularizers in the same cell (negative: better), judged by "
-        "the two-standard-error rule.\n",
+        "the verdict rule (Welch's t-test at 5%) on the seeds that did not tune the rate.\n",
     ]
     summary: dict[str, Any] = {}
     for cname, per_v in rows.items():
@@ -180,9 +176,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
             vs = "—"
             if ref is not None and v != "paper":
                 diff = row["test_mean"] - ref["test_mean"]
-                noise = _noise(row, ref)
-                word = "better" if diff < -noise else ("worse" if diff > noise else "tie")
-                vs = f"{diff:+.2f} ({word}, noise {noise:.2f})"
+                vs = f"{diff:+.2f} ({judge(row['report'], ref['report'])})"
             lines.append(
                 f"| {labels[v]} | {row['lr']:g} | {len(row['tried'])}: {min(row['tried']):g}-{max(row['tried']):g}"
                 f"{'' if row['interior'] else ' (EDGE)'} | {fmt(row['test_mean'], row['test_std'])} | "
@@ -191,7 +185,17 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
             )
             summary[f"{cname}/{v}"] = {
                 k: row[k]
-                for k in ("lr", "interior", "test_mean", "test_std", "seeds", "best", "best_epoch", "late_loss")
+                for k in (
+                    "lr",
+                    "interior",
+                    "test_mean",
+                    "test_std",
+                    "seeds",
+                    "report",
+                    "best",
+                    "best_epoch",
+                    "late_loss",
+                )
             }
     chosen = choose_default(rows)
     lines += ["\n## Which variant could be the default\n", *_default_rule(rows, labels)]
@@ -214,13 +218,13 @@ def qualifies(rows: dict[str, dict[str, dict[str, Any]]], variant: str) -> tuple
         ref, row = per_v.get("paper"), per_v.get(variant)
         if ref is None or row is None:
             continue
-        diff, noise = row["test_mean"] - ref["test_mean"], _noise(row, ref)
-        if diff > noise:
+        diff, (word, _) = row["test_mean"] - ref["test_mean"], compare(row["report"], ref["report"])
+        if word == "worse":
             ok = False
-            why.append(f"worse in {cname} ({diff:+.2f}, noise {noise:.2f})")
-        if cname.split("/")[1] == "1024" and not diff < -noise:
+            why.append(f"worse in {cname} ({diff:+.2f}, {judge(row['report'], ref['report'])})")
+        if cname.split("/")[1] == "1024" and word != "better":
             ok = False
-            why.append(f"not better in {cname} ({diff:+.2f}, noise {noise:.2f})")
+            why.append(f"not better in {cname} ({diff:+.2f}, {judge(row['report'], ref['report'])})")
     return ok, why
 
 
