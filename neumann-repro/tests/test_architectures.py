@@ -78,7 +78,10 @@ def test_batchnorm_variants_and_gradient_scales_are_reported(quick):
 
 
 def _fam(neumann: float, sgd: float, std: float = 0.1) -> dict[str, dict]:
-    row = lambda m: dict(final_mean=m, final_std=std, seeds=3, epochs_to_target=None, epochs=40)  # noqa: E731
+    def row(m: float) -> dict:  # 3 reporting seeds at m - std, m, m + std
+        report = [m - std, m, m + std]
+        return dict(final_mean=m, final_std=std, seeds=3, report=report, epochs_to_target=None, epochs=40)
+
     return {"neumann-default": row(neumann), "sgd": row(sgd)}
 
 
@@ -110,10 +113,13 @@ def test_section_4_4_rule(gru, clip, word):
 
 def test_family_verdict_names_the_best_baseline_and_the_rule():
     summ = {f"transformer/{k}": v for k, v in _fam(4.0, 3.0).items()}
-    summ["transformer/adamw"] = dict(final_mean=1.0, final_std=0.1, seeds=3, epochs_to_target=20, epochs=40)
+    summ["transformer/adamw"] = dict(
+        final_mean=1.0, final_std=0.1, seeds=3, report=[0.9, 1.0, 1.1], epochs_to_target=20, epochs=40
+    )
     summ["transformer/burn_in_share"] = 0.125
     text = arch.verdict(summ)
-    assert "AdamW 1.00%" in text and "-3.00 points in Neumann's favour, worse beyond seed noise" in text
+    assert "AdamW 1.00%" in text and "-3.00 points in Neumann's favour, worse (Welch p = " in text
+    assert "3 vs 3 seeds" in text
     assert "none of its epochs" in text
 
 

@@ -36,18 +36,21 @@ class Synthetic(Runner):
             if c.get("noise_scale"):
                 for h in hist:
                     h.update(trace_sigma=B_NOISE * 2.0, grad_sq=2.0)
-            out.append(
-                dict(
-                    config=c,
-                    history=hist,
-                    diverged=False,
-                    seconds=0.0,
-                    train_size=36000,
-                    steps_per_epoch=36000 // c["batch"],
-                    steps=steps,
-                )
-            )
+            out.append(run_record(c, hist, steps))
         return out
+
+
+def run_record(cfg: dict, history: list[dict], steps: int, train_size: int = 36000) -> dict:
+    """What ``train.run`` returns for a finished, not diverged run."""
+    return dict(
+        config=cfg,
+        history=history,
+        diverged=False,
+        seconds=0.0,
+        train_size=train_size,
+        steps_per_epoch=train_size // cfg["batch"],
+        steps=steps,
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from neumann_repro.runner import Runner, config_key
 from neumann_repro.studies import ingredients as ing
 from neumann_repro.study import Settings
 from neumann_repro.train import NO_RESETS, make_optimizer
+from test_critical_batch import run_record
 
 S_MIN, B_NOISE = 300.0, 256.0
 
@@ -62,17 +63,7 @@ class Synthetic(Runner):
                 for h in hist:
                     h["val_error_at_w"] = 1.2 * h["val_error"]
                     h["test_error_at_w"] = 1.2 * h["test_error"]
-            out.append(
-                dict(
-                    config=c,
-                    history=hist,
-                    diverged=False,
-                    seconds=0.0,
-                    train_size=36000,
-                    steps_per_epoch=36000 // c["batch"],
-                    steps=steps,
-                )
-            )
+            out.append(run_record(c, hist, steps))
         return out
 
 

@@ -159,7 +159,10 @@ def _parser(studies: dict[str, Study]) -> tuple[argparse.ArgumentParser, dict[st
         )
         entry = studies.get(name)
         text = entry.help if entry is not None else COMMAND_HELP[name]
-        subs[name] = sub.add_parser(name, parents=parents, help=text, description=text + _full_cost(entry))
+        # (a help string is %-formatted by argparse, a description is not)
+        subs[name] = sub.add_parser(
+            name, parents=parents, help=text.replace("%", "%%"), description=text + _full_cost(entry)
+        )
         if name != "report":
             _training_options(subs[name], skip=entry.unused_options if entry is not None else ())
     return p, subs

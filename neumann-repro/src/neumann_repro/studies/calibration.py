@@ -200,9 +200,9 @@ STUDY = Study(
     ),
     full_cost_core_minutes=55,  # by the runs' clocks, with another study sharing the 2 cores (29 min wall)
     claim=(
-        "(none: the yardstick)",
-        "A rule that calls a difference between two optimizers real calls an optimizer different from itself "
-        "at most 5% of the time.",
+        "no claim of the paper: the yardstick of every verdict",
+        "nothing (this study checks the rule that judges the claims below: a rule that calls a difference "
+        "between two optimizers real should call an optimizer different from itself at most 5% of the time).",
     ),
     run=calibration,
     render=render_calibration,

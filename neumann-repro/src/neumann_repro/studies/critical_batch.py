@@ -326,16 +326,30 @@ def noise_scale_near_target(run: dict[str, Any], target: float) -> float | None:
     return statistics.fmean(h["trace_sigma"] for h in band) / g2 if g2 > 0 else None
 
 
+def cell_results(
+    cells: dict[str, list[dict[str, Any]]],
+    variants: list[str],
+    batches: list[int],
+    target: float,
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
+    metrics: dict[str, str] | None = None,
+) -> dict[str, dict[int, CellResult]]:
+    """Every ``variant/batch`` cell's :class:`CellResult` (``metrics``: the curve each variant is read from)."""
+    out: dict[str, dict[int, CellResult]] = {}
+    for name in variants:
+        for b in batches:
+            if f"{name}/{b}" in cells:
+                metric = (metrics or {}).get(name, "val_error")
+                out.setdefault(name, {})[b] = cell_result(cells[f"{name}/{b}"], target, seeds, metric)
+    return out
+
+
 def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
     meta = payload["meta"]
     target, batches = meta["target"], meta["batches"]
     cells = cells_of(payload["runs"])
     train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
-    results: dict[str, dict[int, CellResult]] = {}
-    for name in meta["variants"]:
-        for b in batches:
-            if f"{name}/{b}" in cells:
-                results.setdefault(name, {})[b] = cell_result(cells[f"{name}/{b}"], target)
+    results = cell_results(cells, meta["variants"], batches, target)
     noise = {
         name: noise_scale_near_target(cells[f"noise/{name}"][0], target)
         for name in meta["variants"]

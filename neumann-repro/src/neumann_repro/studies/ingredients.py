@@ -31,7 +31,7 @@ from ..verdicts import compare, judge, reporting
 from .batch_scaling import BATCH_VARIANTS
 from .critical_batch import FULL as CB_FULL
 from .critical_batch import QUICK as CB_QUICK
-from .critical_batch import CellResult, _Search, cell_result, max_budget, run_searches, start_budget
+from .critical_batch import CellResult, _Search, cell_results, max_budget, run_searches, start_budget
 
 # name -> (label, what differs from the default's config, the metric its curves are read from)
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -149,13 +149,7 @@ def render_ingredients(payload: Payload, out_dir: Path) -> Rendered:
     target, batches, seeds = meta["target"], meta["batches"], tuple(meta["report_seeds"])
     cells = cells_of(payload["runs"])
     train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
-    results: dict[str, dict[int, CellResult]] = {}
-    for name in meta["variants"]:
-        for b in batches:
-            if f"{name}/{b}" in cells:
-                results.setdefault(name, {})[b] = cell_result(
-                    cells[f"{name}/{b}"], target, seeds, meta["metrics"][name]
-                )
+    results = cell_results(cells, list(meta["variants"]), batches, target, seeds, meta["metrics"])
     burn = meta.get("neumann_burn_in_epochs", 5)
     lines = [
         "# ingredients: the default Neumann optimizer, one ingredient at a time\n",
