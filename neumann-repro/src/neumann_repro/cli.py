@@ -71,7 +71,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 # the two subcommands that are not studies (each study's help is in its entry)
 COMMAND_HELP = {
-    "all": "Every study in turn, then the report (about 6 hours with two cores; resumable).",
+    "all": "Every study in turn, then the report (about 7.5 hours with two cores; resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
 
