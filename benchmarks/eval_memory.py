@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,10 +69,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.millions)))
         return
-    rows = []
-    for mode in ("exact", "in_place"):
-        cmd = [sys.executable, __file__, "--child", mode, "--millions", str(args.millions)]
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _children import in_children
+
+    rows = in_children(__file__, ("exact", "in_place"), args.millions)
     mb = 2**20
     print(f"{rows[0]['params'] / 1e6:.1f}M float32 parameters ({rows[0]['param_bytes'] / mb:.0f} MiB), CPU, torch")
     print("| evaluation= | extra peak during eval() | held in eval mode | eval() | train() | train() restores w to |")

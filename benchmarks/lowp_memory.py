@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,10 +65,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.millions)))
         return
-    rows = []
-    for variant in ("whole list", "chunked"):
-        cmd = [sys.executable, __file__, "--child", variant, "--millions", str(args.millions)]
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _children import in_children
+
+    rows = in_children(__file__, ("whole list", "chunked"), args.millions)
     print(f"{rows[0]['params'] / 1e6:.1f}M bfloat16 parameters, Neumann(foreach=True), one regular step, CPU")
     print("| float32 copies | extra peak memory of the step (bytes/param) | state (bytes/param) |")
     print("|---|---|---|")

@@ -94,7 +94,7 @@ def test_every_variant_differs_from_the_default_in_one_thing(study):
     runner, _ = study
     ladder = [c for r in runner.rounds for c in r if "steps" in c and c["batch"] == 256]
     keys = {frozenset((k, str(v)) for k, v in c.items() if k not in ("steps", "lr", "seed")) for c in ladder}
-    default = dict(ing.base_cfg(), **ing._neumann_cfg("default", False))
+    default = dict(ing.base_cfg(), **ing._neumann_cfg("default", False)[0])
     assert default["eval_at_w"] and default["repulsive_weight"] == 0.0
     # default, no-cubic, no-resets, constant-mu, no-burn-in, warm-up, bare, SGD: at-w shares the default's runs
     assert len(keys) == 8
@@ -121,7 +121,7 @@ def test_steps_and_verdicts_follow_the_known_answers(study):
     steps = summ["steps"]["default"]
     assert steps["64"] > steps["256"] > steps["1024"]
     verdict = ing.verdict(summ)
-    assert "no-burn-in: costs steps at batch 64, 256, 1024" in verdict
+    assert "no burn-in: costs steps at batch 64, 256, 1024" in verdict
 
 
 def test_fixed_epoch_table_has_every_variant_and_reads_at_w_from_the_default(study):

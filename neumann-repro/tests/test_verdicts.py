@@ -90,7 +90,7 @@ def test_calibration_renders_rates_per_setting_and_a_verdict(tmp_path):
     table, summary = render_calibration(payload, tmp_path)
     assert "setting a" in table and "setting b" in table
     assert {"a/2", "a/3", "a/5", "b/2"} <= set(summary)  # 12 seeds allow up to 6 a side
-    per_setting = [v for k, v in summary.items() if k not in ("worst", "pooled")]
+    per_setting = [v for k, v in summary.items() if k not in ("worst", "pooled", "settled")]
     assert summary["worst"]["welch"] == max(v["welch"] for v in per_setting)
     assert summary["pooled"]["2"]["welch"] == pytest.approx((summary["a/2"]["welch"] + summary["b/2"]["welch"]) / 2)
     assert (tmp_path / "calibration.png").exists()

@@ -227,16 +227,14 @@ def neumann_update(
     elements), so the float32 copies never hold the whole list. ``diffs``: the ``w - v`` the norm
     was summed from (multi-tensor path), reused in the ``NEUMANN`` phase.
     """
+    kw: dict[str, Any] = dict(
+        phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay, weight_decay=weight_decay
+    )
     if any(w.dtype in LOW_PRECISION for w in params):
-        kw_all: dict[str, Any] = dict(
-            phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay, weight_decay=weight_decay
-        )
         for a, b in _chunks(params):
-            _update_upcast(
-                params[a:b], grads[a:b], ms[a:b], vs[a:b] if vs is not None else None, foreach, apply, **kw_all
-            )
+            _update_upcast(params[a:b], grads[a:b], ms[a:b], vs[a:b] if vs is not None else None, foreach, apply, **kw)
         return
-    _update(params, grads, ms, vs, phase, lr, momentum, coef, ema_decay, weight_decay, foreach, apply, diffs)
+    _update(params, grads, ms, vs, foreach=foreach, apply=apply, diffs=diffs, **kw)
 
 
 def _update_upcast(
@@ -265,6 +263,7 @@ def _update(
     grads: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor] | None,
+    *,
     phase: Phase,
     lr: float,
     momentum: float,

@@ -47,7 +47,7 @@ as hard as the method):
   at 5% on the per-seed results of the two sides; p < 0.05 calls one better or worse, otherwise the
   two *cannot be told apart*. A verdict uses only the seeds that did not tune the rate (seeds 2-4 in
   compare, 1-2 in the committed batch-scaling, regularizers and architectures runs, 1-4 in
-  ingredients); the tables' means are over all seeds at the chosen rate. Until issue 27 the rule was
+  ingredients); the tables' means are over all seeds at the chosen rate. Until 2026-12-04 the rule was
   "beyond two standard errors of the difference, over all seeds"; the calibration measured its
   false-positive rate, and the verdicts it changed are listed at the end of this report.
 """

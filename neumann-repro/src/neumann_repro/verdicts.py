@@ -1,6 +1,6 @@
 """The rule that calls a difference between two optimizers real, from their per-seed results.
 
-**The rule** (since issue 27): Welch's two-sided t-test on the two samples of per-seed values at
+**The rule** (since 2026-12-04): Welch's two-sided t-test on the two samples of per-seed values at
 level ``ALPHA`` = 5%; ``p < ALPHA`` calls the difference real ("better"/"worse"), otherwise the two
 "cannot be told apart". It needs at least two seeds on each side. Its false-positive rate on A/A
 controls (the default against itself on disjoint seeds) is measured by the ``calibration`` study
@@ -71,14 +71,14 @@ def compare(ours: Sequence[float], theirs: Sequence[float], lower_is_better: boo
     return ("better" if ours_lower == lower_is_better else "worse"), p
 
 
+WORDS = {"better": "better", "worse": "worse", "cannot tell": "cannot be told apart"}
+
+
 def judge(ours: Sequence[float], theirs: Sequence[float], lower_is_better: bool = True) -> str:
     """The verdict in words, with its p-value: "better (Welch p = 0.003, 3 vs 3 seeds)",
     "cannot be told apart (Welch p = 0.41, 2 vs 2 seeds)"."""
     word, p = compare(ours, theirs, lower_is_better)
     return f"{WORDS[word]} ({said_p(p, f'{len(ours)} vs {len(theirs)} seeds')})"
-
-
-WORDS = {"better": "better", "worse": "worse", "cannot tell": "cannot be told apart"}
 
 
 def said_p(p: float | None, seeds: str) -> str:

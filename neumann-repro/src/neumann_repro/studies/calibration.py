@@ -23,26 +23,33 @@ from ..runs import final
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..verdicts import ALPHA, judge, two_se, welch_p
 
+
+def _mlp(task: str, batch: int, epochs: int, lr: float, **optimizer: Any) -> dict[str, Any]:
+    return dict(task=task, model="mlp", batch=batch, epochs=epochs, lr=lr, **optimizer)
+
+
+DEFAULT = dict(optimizer="neumann", repulsive_weight=0.0)
+WARMED = dict(warmup_epochs=5)  # batch-scaling's baselines warm up over 5 epochs
 # name -> (config without seed, what it is): the rates the committed studies tuned for these cells
 SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "compare-4k": (
-        dict(task="mnist1d-4k", model="mlp", optimizer="neumann", repulsive_weight=0.0, batch=128, epochs=40, lr=0.55),
+        _mlp("mnist1d-4k", 128, 40, 0.55, **DEFAULT),
         "Neumann (default), compare's 4k cell: batch 128, 40 epochs, lr 0.55",
     ),
     "compare-36k": (
-        dict(task="mnist1d-36k", model="mlp", optimizer="neumann", repulsive_weight=0.0, batch=128, epochs=30, lr=0.55),
+        _mlp("mnist1d-36k", 128, 30, 0.55, **DEFAULT),
         "Neumann (default), compare's 36k cell: batch 128, 30 epochs, lr 0.55",
     ),
     "batch-scaling-1024": (
-        dict(task="mnist1d-36k", model="mlp", optimizer="neumann", repulsive_weight=0.0, batch=1024, epochs=50, lr=1.7),
+        _mlp("mnist1d-36k", 1024, 50, 1.7, **DEFAULT),
         "Neumann (default), batch-scaling's batch-1,024 cell: 50 epochs, lr 1.7",
     ),
     "batch-scaling-1024-sgd": (
-        dict(task="mnist1d-36k", model="mlp", optimizer="sgd", warmup_epochs=5, batch=1024, epochs=50, lr=1.0),
+        _mlp("mnist1d-36k", 1024, 50, 1.0, optimizer="sgd", **WARMED),
         "SGD+Nesterov, batch-scaling's batch-1,024 cell: 50 epochs, 5 warm-up epochs, lr 1.0",
     ),
     "batch-scaling-1024-lars": (
-        dict(task="mnist1d-36k", model="mlp", optimizer="lars", warmup_epochs=5, batch=1024, epochs=50, lr=17.0),
+        _mlp("mnist1d-36k", 1024, 50, 17.0, optimizer="lars", **WARMED),
         "LARS, batch-scaling's batch-1,024 cell: 50 epochs, 5 warm-up epochs, lr 17",
     ),
 }
@@ -138,6 +145,7 @@ def render_calibration(payload: Payload, out_dir: Path) -> Rendered:
             *(f"| {n} | {100 * r['two_se']:.1f}% | {100 * r['welch']:.1f}% |" for n, r in pooled.items()),
         ]
     pairs = [(a, b) for a, b in PAIRS if len(cells.get(a, [])) >= 2 and len(cells.get(b, [])) >= 2]
+    settled: list[dict[str, Any]] = []
     if pairs:
         lines += [
             f"\nThe same fresh seeds settle verdicts of batch-scaling at batch 1,024 (its committed cells have 2 "
@@ -148,13 +156,15 @@ def render_calibration(payload: Payload, out_dir: Path) -> Rendered:
         for a, b in pairs:
             va, vb = ([final(r) for r in cells[x]] for x in (a, b))
             said = judge(va, vb)
-            summary[f"{a}-vs-{b}"] = dict(diff=statistics.fmean(va) - statistics.fmean(vb), verdict=said)
+            what = f"{meta['settings'][a].split(',')[0]} against {meta['settings'][b].split(',')[0]} at batch 1,024"
+            settled.append(dict(what=what, diff=statistics.fmean(va) - statistics.fmean(vb), verdict=said))
             lines.append(
                 f"| {meta['settings'][a]} | {meta['settings'][b]} | "
                 f"{statistics.fmean(va) - statistics.fmean(vb):+.2f} | {said} |"
             )
     summary["worst"] = worst
     summary["pooled"] = pooled
+    summary["settled"] = settled
     lines.append(
         f"\nLargest false-positive rate over the settings and group sizes: old rule {100 * worst['two_se']:.1f}%, "
         f"Welch's t-test {100 * worst['welch']:.1f}%.\n"
@@ -188,7 +198,7 @@ def verdict(summ: dict[str, Any]) -> str:
         f"{100 * top['two_se']:.1f}% ({100 * worst['two_se']:.1f}%): the t-test is "
         f"**{'calibrated' if ok else 'not calibrated'}** at 5%"
     )
-    settled = [f"{k}: {v['diff']:+.2f} points, {v['verdict']}" for k, v in summ.items() if "-vs-" in k]
+    settled = [f"{v['what']}: {v['diff']:+.2f} points, {v['verdict']}" for v in summ.get("settled", [])]
     return out + ("; " + "; ".join(settled) if settled else "")
 
 

@@ -20,14 +20,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..optimizers import LABELS
 from ..plotting import batch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import final
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, plural
 from ..tuning import Protocol, choose, tune
-from ..verdicts import compare, judge, reporting
+from ..verdicts import compare, judge, reporting, said_p
 from .batch_scaling import BATCH_VARIANTS
 from .critical_batch import FULL as CB_FULL
 from .critical_batch import QUICK as CB_QUICK
@@ -64,15 +63,16 @@ def settings(s: Settings) -> dict[str, Any]:
     return {**CB_FULL, "batches": [64, 256, 1024], "fixed": FIXED, "seeds": REPORT_SEEDS}
 
 
-def _neumann_cfg(name: str, quick: bool) -> dict[str, Any]:
-    """The optimizer part of a variant's config (the default's for ``at-w``, which reads the same runs)."""
+def _neumann_cfg(name: str, quick: bool) -> tuple[dict[str, Any], bool]:
+    """The optimizer part of a variant's config (the default's for ``at-w``, which reads the same
+    runs), and whether it warms its rate up as the baselines do."""
     if name == "sgd":
-        return dict(BATCH_VARIANTS["sgd"][0])
+        return dict(BATCH_VARIANTS["sgd"][0]), True
     cfg: dict[str, Any] = {**BATCH_VARIANTS["neumann-default"][0], "eval_at_w": True}
     if quick:  # a 1-epoch burn-in: the quick budgets reach the Neumann phase
         cfg["burn_in_epochs"] = 1
     cfg.update(VARIANTS[name][1])
-    return cfg
+    return cfg, bool(cfg.pop("warmup", False))
 
 
 def ingredients(runner: Runner, s: Settings) -> str:
@@ -81,17 +81,15 @@ def ingredients(runner: Runner, s: Settings) -> str:
     train_size = len(runner.data(st["task"]).x_train)
     searches = []
     for name, (_, _, metric) in VARIANTS.items():
-        opt = _neumann_cfg(name, s.quick)
-        warm = opt.pop("warmup", False) or name == "sgd"
+        opt, warm = _neumann_cfg(name, s.quick)
         for b in st["batches"]:
             cfg = base_cfg(task=st["task"], model="mlp", batch=b, evals=EVALS, **opt)
             cfg.pop("warmup_epochs")  # budgets are in steps: a warm-up is a share of the budget
             if warm:
                 cfg["warmup_frac"] = WARMUP_FRAC
             top = max_budget(st, b, train_size)
-            x = _Search(f"{name}/{b}", cfg, math.sqrt(b / 256), min(start_budget(st, b), top), top)
-            x.seeds, x.metric = seeds, metric
-            searches.append(x)
+            start = min(start_budget(st, b), top)
+            searches.append(_Search(f"{name}/{b}", cfg, math.sqrt(b / 256), start, top, seeds=seeds, metric=metric))
     runs = run_searches(runner, searches, st, "ingredients")
     flat = [r for cell in runs.values() for per in cell.values() for r in per]
     # batch-scaling's fixed epoch budget at its largest batch, every trained variant tuned
@@ -105,8 +103,7 @@ def ingredients(runner: Runner, s: Settings) -> str:
     for name in VARIANTS:
         if name == "at-w":  # read from the default's runs
             continue
-        opt = _neumann_cfg(name, s.quick)
-        warm = opt.pop("warmup", False) or name == "sgd"
+        opt, warm = _neumann_cfg(name, s.quick)
         cfg = base_cfg(task=st["task"], model="mlp", batch=fx["batch"], epochs=fx["epochs"], **opt)
         if warm:
             cfg["warmup_epochs"] = fx["warmup_epochs"]
@@ -167,7 +164,7 @@ def render_ingredients(payload: Payload, out_dir: Path) -> Rendered:
         "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
     ]
-    summary: dict[str, Any] = {"steps": {}, "verdicts": {}, "fixed": {}}
+    summary: dict[str, Any] = {"steps": {}, "verdicts": {}, "fixed": {}, "labels": meta["variants"]}
     resolution = []
     for name, per_b in results.items():
         row = []
@@ -207,10 +204,10 @@ def render_ingredients(payload: Payload, out_dir: Path) -> Rendered:
             if not mine or not ref:
                 row.append("—")
                 continue
-            word, _ = compare(_log2(mine), _log2(ref))
+            word, p = compare(_log2(mine), _log2(ref))
             said = {"better": "saves steps", "worse": "costs steps", "cannot tell": "cannot tell"}[word]
             ratio = 2 ** (statistics.fmean(_log2(mine)) - statistics.fmean(_log2(ref)))
-            row.append(f"x{ratio:.2f}: {said} ({judge(_log2(mine), _log2(ref)).split('(')[1]}")
+            row.append(f"x{ratio:.2f}: {said} ({said_p(p, f'{len(mine)} vs {len(ref)} seeds')})")
             summary["verdicts"].setdefault(name, {})[str(b)] = dict(ratio=ratio, verdict=said)
         lines.append(f"| {meta['variants'][name]} | " + " | ".join(row) + " |")
     lines += _fixed_rows(meta, cells, summary)
@@ -285,8 +282,9 @@ def verdict(summ: dict[str, Any]) -> str:
         costs = [b for b, r in per_b.items() if r["verdict"] == "costs steps"]
         said = [f"saves steps at batch {', '.join(saves)}"] if saves else []
         said += [f"costs steps at batch {', '.join(costs)}"] if costs else []
-        parts.append(f"{LABELS.get(name, name)}: {'; '.join(said) if said else 'cannot tell at any batch'}")
-    return "against the default, " + " | ".join(parts)
+        label = summ.get("labels", {}).get(name, name)
+        parts.append(f"{label}: {'; '.join(said) if said else 'cannot tell at any batch'}")
+    return "steps to the target against the default (Welch's t-test at 5% on log steps): " + " | ".join(parts)
 
 
 STUDY = Study(
