@@ -156,7 +156,7 @@ def test_neumann_repro_wheel_installs_the_command(tmp_path):
     python, site, meta = _build_and_install(ROOT / "neumann-repro", tmp_path / "repro", venv_python=lib_python)
     assert meta["Name"] == "neumann-repro"
     names = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in _requires(meta))
-    assert names == ["matplotlib", "mnist1d", "neumann-optimizer", "numpy", "pytorch-optimizer", "tqdm"], names
+    assert names == ["matplotlib", "mnist1d", "neumann-optimizer", "numpy", "pytorch-optimizer", "scipy", "tqdm"], names
     assert not [f for f in _wheel_files(tmp_path / "repro") if f.startswith("neumann_optimizer/")]
     command = python.parent / "neumann-repro"
     res = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=ENV)
