@@ -74,6 +74,15 @@ def _optimizers(params: list[torch.nn.Parameter], lr: torch.Tensor) -> dict[str,
         ),
         "Neumann() default": plain(lambda: Neumann(params, lr=1e-3, **NEU)),
         "Neumann(foreach=True)": plain(lambda: Neumann(params, lr=1e-3, foreach=True, **NEU)),
+        # the trade of the default multi-tensor step (no host read, one pass more per buffer to mask a
+        # skipped step) against a host read per step (raise: checked on the host, nothing to mask) and
+        # against no check at all (ignore)
+        "Neumann(foreach=True, nonfinite='raise')": plain(
+            lambda: Neumann(params, lr=1e-3, foreach=True, nonfinite="raise", **NEU)
+        ),
+        "Neumann(foreach=True, nonfinite='ignore')": plain(
+            lambda: Neumann(params, lr=1e-3, foreach=True, nonfinite="ignore", **NEU)
+        ),
         "Neumann(fused=True) [compiled graph]": plain(lambda: Neumann(params, lr=1e-3, fused=True, **NEU)),
         "torch.compile(Neumann.step), tensor lr": compiled,
     }

@@ -49,22 +49,34 @@ def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[t
 
 
 @contextmanager
-def cpu_kernel_off() -> Iterator[None]:
-    """Inside: Neumann as where its CPU kernel is unavailable (fused=True -> the compiled graph)."""
-    real = paths_module._native_ok
-    paths_module._native_ok = lambda *lists: False
+def patched(**values: object) -> Iterator[None]:
+    """Inside: ``neumann_optimizer._paths`` with these attributes."""
+    real = {k: getattr(paths_module, k) for k in values}
+    for k, v in values.items():
+        setattr(paths_module, k, v)
     try:
         yield
     finally:
-        paths_module._native_ok = real
+        for k, v in real.items():
+            setattr(paths_module, k, v)
 
 
 class CompiledGraph(Neumann):
-    """``Neumann(fused=True)`` on its torch.compile'd graph, timed on CPU too."""
+    """``Neumann(fused=True)`` on its torch.compile'd graph, timed on CPU too (as where the CPU
+    kernel is unavailable)."""
+
+    patches: dict[str, object] = dict(_native_ok=lambda *lists: False)
 
     def step(self, closure=None):  # type: ignore[override]
-        with cpu_kernel_off():
+        with patched(**self.patches):
             return super().step(closure)
+
+
+class DeviceSchedule(CompiledGraph):
+    """Neumann's steps as on accelerators, timed on CPU: the schedule and finite check on the device,
+    no host read (the multi-tensor step masks a skipped step with one pass more per buffer)."""
+
+    patches = dict(CompiledGraph.patches, SYNC_FREE_ON_CPU=True)
 
 
 def compiled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -102,6 +114,11 @@ def make_optimizers(
         "Neumann lean, nonfinite='ignore'" + kernel: lambda: Neumann(params, fused=True, nonfinite="ignore", **lean),
         "Neumann lean, foreach=True": lambda: Neumann(params, foreach=True, fused=False, **lean),
     }
+    if device == "cpu":  # the accelerators' steps (device schedule), to show what their masking costs
+        dev = " [device schedule, as on accelerators]"
+        impls["Neumann(foreach=True)" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **neu)
+        impls["Neumann lean, foreach=True" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **lean)
+        impls["Neumann(fused=True) [compiled graph," + dev[1:]] = lambda: DeviceSchedule(params, fused=True, **neu)
     if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
         impls["Neumann(fused=True) [compiled graph]"] = lambda: CompiledGraph(params, fused=True, **neu)
         impls["Neumann(fused=True, nonfinite='ignore') [compiled graph]"] = lambda: CompiledGraph(

@@ -15,25 +15,40 @@ from neumann_optimizer import functional as F
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
-PATHS = ["native", "compiled"]
+# "device" and "device-compiled": the accelerators' multi-tensor step and compiled graph (schedule
+# and finite check on the device), run on CPU
+PATHS = ["native", "compiled", "device", "device-compiled"]
 
 
-def _select(monkeypatch, path: str) -> None:
-    """``compiled``: the torch.compile'd graph, as where the CPU kernel is unavailable."""
+def _select(monkeypatch, path: str) -> bool | str:
+    """``compiled``: the torch.compile'd graph, as where the CPU kernel is unavailable. Returns the
+    ``fused`` argument of :func:`_run` that takes the path."""
     if path == "native":
         assert _native.available(), _native.unavailable_reason()
     else:
         monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
+        monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", path.startswith("device"))
+        if path == "device":
+            return "device"
+    return True
 
 
 def _run(
-    fused: bool | None, dtype, steps=14, poke_at=None, eval_at=None, wd=0.0, idle_at=None, strided_at=None, lean=False
+    fused: bool | str | None,
+    dtype,
+    steps=14,
+    poke_at=None,
+    eval_at=None,
+    wd=0.0,
+    idle_at=None,
+    strided_at=None,
+    lean=False,
 ):
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0, dtype=dtype)
     opt = Neumann(
         [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
-        fused=fused,
-        foreach=None if fused is not False else False,
+        fused=None if fused == "device" else fused,
+        foreach=True if fused == "device" else None if fused is not False else False,
         weight_decay=wd,
         **{**HP, **(dict(cubic_weight=0.0, repulsive_weight=0.0) if lean else {})},
     )
@@ -66,10 +81,11 @@ CASES["lean"] = {"lean": True, "wd": 0.01}  # both regularizers 0: no v, no norm
 def test_fused_matches_for_loop(path, dtype, case, monkeypatch):
     kw = CASES[case]
     pa, oa = _run(False, dtype, **kw)
-    _select(monkeypatch, path)
-    pb, ob = _run(True, dtype, **kw)
-    # the kernel ran (or did not); the lean step carries no norm
+    pb, ob = _run(_select(monkeypatch, path), dtype, **kw)
+    # the kernel ran (or did not); the lean step carries no norm; the device schedule was used
     assert bool(ob._carried) == (path == "native" and not kw.get("lean"))
+    assert bool(ob._sched) == path.startswith("device")
+    assert [g["step"] for g in oa.param_groups] == [g["step"] for g in ob.state_dict()["param_groups"]]
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     for ga, gb in zip(pa.params, pb.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
@@ -84,15 +100,16 @@ def test_fused_matches_for_loop(path, dtype, case, monkeypatch):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_resume_is_identical(path, tmp_path, monkeypatch):
-    _select(monkeypatch, path)
-    full_problem, full = _run(True, torch.float64, steps=12)
+    fused = _select(monkeypatch, path)
+    full_problem, full = _run(fused, torch.float64, steps=12)
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0)
-    opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], fused=True, **HP)
+    kw = dict(foreach=True) if fused == "device" else dict(fused=True)
+    opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], **kw, **HP)
     for _ in range(7):
         problem.set_grads()
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    opt2 = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], fused=True, **HP)
+    opt2 = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], **kw, **HP)
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     for _ in range(5):
         problem.set_grads()
@@ -110,7 +127,8 @@ def _one_step_each(fused: bool, dtype=torch.float64):
     return problem, opt
 
 
-def test_fused_falls_back_when_compilation_fails(monkeypatch):
+@pytest.mark.parametrize("path", ["compiled", "device-compiled"])
+def test_fused_falls_back_when_compilation_fails(path, monkeypatch):
     """Inductor's compiler fails (as without a C compiler): the step falls back to the
     multi-tensor path once, loudly, and the step is applied exactly once."""
     import torch._inductor.compile_fx as compile_fx_module
@@ -118,7 +136,7 @@ def test_fused_falls_back_when_compilation_fails(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C compiler here (injected)")
 
-    _select(monkeypatch, "compiled")
+    _select(monkeypatch, path)
     monkeypatch.setattr(F, "_COMPILED", {})  # fresh code objects: dynamo compiles anew
     monkeypatch.setattr(compile_fx_module, "compile_fx", no_compiler)
     ref_problem, ref = _one_step_each(False)
@@ -127,22 +145,24 @@ def test_fused_falls_back_when_compilation_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falling back"):
         opt.step()
     assert opt._fused_failed
+    assert opt.state_dict()["param_groups"][0]["step"] == 1
     for a, b in zip(ref_problem.params[0], problem.params[0], strict=True):
-        assert torch.equal(a, b)  # applied once, by the multi-tensor path
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)  # applied once, by the multi-tensor path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         problem.set_grads()
         opt.step()  # no second warning
 
 
-def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
+@pytest.mark.parametrize("path", ["compiled", "device-compiled"])
+def test_failure_while_the_compiled_step_runs_propagates(path, monkeypatch):
     """An error raised while the compiled graph runs (out of memory, say) is not a compilation
     failure: it propagates, nothing is applied a second time, and the path stays on."""
-    _select(monkeypatch, "compiled")
+    _select(monkeypatch, path)
     real = F._compiled
 
-    def fails_after_writing(key):
-        fn = real(key)
+    def fails_after_writing(key, body=None):
+        fn = real(key, body)
 
         def run(*args):
             fn(*args)  # the graph has written the step ...
@@ -163,7 +183,9 @@ def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
     for a, b in zip(ref_problem.params[0], problem.params[0], strict=True):
         # as the error found them: the step applied once, not twice (a second would move by lr g)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert opt.param_groups[0]["step"] == 0  # the counters did not advance
+    # the host counters did not advance; the device schedule, which the graph wrote, did with the weights
+    assert opt.param_groups[0]["step"] == 0
+    assert opt.state_dict()["param_groups"][0]["step"] == (1 if path == "device-compiled" else 0)
 
 
 def test_default_path_choice():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from reference import RefGroup
 
 from neumann_optimizer import Neumann
+from neumann_optimizer import _paths as paths_module
 
 shape_st = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 group_hp = st.fixed_dictionaries(
@@ -49,15 +52,21 @@ def make_ref(problem: ElementwiseProblem, gi: int, hp: dict) -> RefGroup:
 @settings(max_examples=40, deadline=None)
 @given(
     groups=st.lists(st.tuples(st.lists(shape_st, min_size=1, max_size=3), group_hp), min_size=1, max_size=3),
-    foreach=st.booleans(),
+    path=st.sampled_from(["for-loop", "foreach", "device"]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_reference_every_step(groups, foreach, seed):
+def test_matches_float64_reference_every_step(groups, path, seed):
     """Weights, iterate, average and evaluation weights equal the SPEC reference, step by step,
-    through burn-in and several resets, with per-group hyperparameters and per-group norms."""
+    through burn-in and several resets, with per-group hyperparameters and per-group norms, on the
+    for-loop and multi-tensor paths and the accelerators' multi-tensor step (device schedule)."""
     shapes = [g[0] for g in groups]
     problem = ElementwiseProblem(shapes, seed)
     param_groups = [dict(params=problem.params[i], **hp) for i, (_, hp) in enumerate(groups)]
+    with mock.patch.object(paths_module, "SYNC_FREE_ON_CPU", path == "device"):
+        _check_against_reference(problem, groups, param_groups, path != "for-loop")
+
+
+def _check_against_reference(problem, groups, param_groups, foreach):
     opt = Neumann(param_groups, lr=0.1, foreach=foreach, burn_in_steps=0, reset_steps=1, momentum_ramp_steps=1)
     refs = [make_ref(problem, i, hp) for i, (_, hp) in enumerate(groups)]
     for _ in range(25):

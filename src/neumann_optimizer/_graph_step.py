@@ -16,19 +16,37 @@ so one graph serves burn-in, the momentum ramp, every reset and the regular step
 covers the first step, which creates the state). With ``nonfinite="skip"`` a non-finite step writes
 nothing back and is not counted, with no host synchronisation. The host counters in
 ``param_groups`` are brought up to date from the device when something reads them (``state_dict``,
-``eval``/``train``, ``step_record``, an eager step): one synchronisation there, none per step.
+``eval``/``train``, ``step_record``, a host-scheduled step): one synchronisation there, none per step.
+
+The eager multi-tensor step on accelerators (``eager_step``) keeps the same device schedule, so that
+with ``nonfinite="skip"`` it reads nothing on the host either: the finite check is a device flag (as
+fused Adam's ``found_inf``), a skipped step's writes add zeros and multiply by ones
+(:func:`functional.masked_update`), and the host counters are read every ``SYNC_EVERY`` steps of
+the group or when something reads them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._hyperparams import regularizer_scale
+from ._nonfinite import finite_tensor
+from . import functional as F
+from .functional import (
+    low_precision,
+    masked_update,
+    squared_distance,
+    squared_distance_and_diffs,
+)
 from .schedule import Phase, StepPlan, constant_momentum, momentum_at
+
+# the eager multi-tensor step without host reads brings the host counters up to date (one read, with
+# the skip warnings owed) every this many of a group's steps, besides whenever something reads them
+SYNC_EVERY = 100
 
 INT_KEYS = ("step", "next_reset", "reset_interval", "skipped_steps", "consecutive_skipped_steps")
 PHASE_OF_CODE = {0: Phase.BURN_IN, 1: Phase.RESET, 2: Phase.NEUMANN}
@@ -55,6 +73,85 @@ def refresh(sched: dict[str, Tensor], group: dict[str, Any]) -> None:
         sched[k].fill_(int(group[k]))
 
 
+class Scalars(NamedTuple):
+    """One step's factors as 0-d device tensors (``lr`` may be a Python float), from the device
+    schedule: the branch-free form of the module doc, before any masking by ``apply``."""
+
+    lr: Tensor | float
+    mu: Tensor  # the momentum of w's update (0 in burn-in)
+    a: Tensor  # m's factor: 1 in burn-in, 0 at a reset, mu otherwise
+    beta: Tensor  # 1 where m takes -lr d, 0 in burn-in
+    k: Tensor  # v's step toward w: 0 in burn-in, 1 - gamma otherwise
+    coef: Tensor  # c = alpha r - beta / r^3 on regular steps, else 0
+    sq: Tensor  # ||w - v||^2 over the group (nan for the lean step)
+    in_burn: Tensor
+    is_reset: Tensor
+
+
+def step_scalars(group: dict[str, Any], sched: dict[str, Tensor], sq: Tensor | None, n: int, f: torch.dtype) -> Scalars:
+    """The factors of the group's next step from its device counters (no host read). ``sq``:
+    ``||w - v||^2`` over the group (``None``: the lean step, or a step known to be in burn-in);
+    ``n``: scalars in the group (``beta = repulsive_weight * n``)."""
+    lr = group["lr"]
+    lr = lr.to(f) if isinstance(lr, Tensor) else lr
+    s = sched["step"] + 1
+    dev = s.device
+    in_burn = s <= group["burn_in_steps"]
+    t = s - group["burn_in_steps"]
+    is_reset = torch.logical_and(torch.logical_not(in_burn), t == sched["next_reset"])
+    bounds = group["momentum_bounds"]
+    if bounds is not None:
+        mu = (1.0 - 1.0 / (1.0 + t.to(f) / group["momentum_ramp_steps"])).clamp(bounds[0], bounds[1])
+    else:  # written by a momentum-cycling scheduler (a new value recompiles)
+        mu = torch.full((), constant_momentum(group["momentum"]), dtype=f, device=dev)
+    zero, one = torch.zeros((), dtype=f, device=dev), torch.ones((), dtype=f, device=dev)
+    mu = torch.where(in_burn, zero, mu)
+    coef = zero
+    if sq is not None:  # the regularizer: r over the group, c = alpha r - beta / r^3 on regular steps
+        r = sq.to(f).sqrt()
+        scale = regularizer_scale(group, lr)
+        alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
+        regular = torch.logical_not(torch.logical_or(in_burn, is_reset))
+        ok = regular & torch.isfinite(r) & (r > 0)
+        safe = torch.where(ok, r, one)
+        coef = torch.where(ok, alpha * safe - beta / (safe * safe * safe), zero)
+    return Scalars(
+        lr=lr,
+        mu=mu,
+        a=torch.where(in_burn, one, torch.where(is_reset, zero, mu)),
+        beta=torch.where(in_burn, zero, one),
+        k=torch.where(in_burn, zero, one - group["ema_decay"]),
+        coef=coef,
+        sq=sq.to(f) if sq is not None else torch.full((), math.nan, dtype=f, device=dev),
+        in_burn=in_burn,
+        is_reset=is_reset,
+    )
+
+
+def advance(group: dict[str, Any], sched: dict[str, Tensor], sc: Scalars, apply: Tensor | None) -> None:
+    """Move the device counters past one step (counted as skipped where ``apply`` is false)."""
+    dev = sc.in_burn.device
+    f = sc.mu.dtype
+    one = torch.ones((), dtype=f, device=dev)
+    applied = apply if apply is not None else torch.ones((), dtype=torch.bool, device=dev)
+    reset_now = sc.is_reset & applied
+    interval = sched["reset_interval"]
+    grown = torch.clamp(torch.floor(group["reset_growth"] * interval.to(f)).to(torch.int64), min=1)
+    code = torch.where(sc.in_burn, 0, torch.where(sc.is_reset, 1, 2))
+    updates = {
+        "step": sched["step"] + applied.to(torch.int64),
+        "next_reset": torch.where(reset_now, sched["next_reset"] + interval, sched["next_reset"]),
+        "reset_interval": torch.where(reset_now, grown, interval),
+        "skipped_steps": sched["skipped_steps"] + torch.logical_not(applied).to(torch.int64),
+        "consecutive_skipped_steps": torch.where(applied, 0, sched["consecutive_skipped_steps"] + 1),
+        "phase": torch.where(applied, code, sched["phase"]),
+        "lr": torch.where(applied, sc.lr * one, sched["lr"]),
+        "sq": torch.where(applied, sc.sq, sched["sq"]),
+    }
+    for key, value in updates.items():
+        sched[key].copy_(value)
+
+
 def graph_step(
     group: dict[str, Any],
     sched: dict[str, Tensor],
@@ -65,35 +162,15 @@ def graph_step(
     apply: Tensor | None,
     n: int,
 ) -> None:
-    """One step of a group in the branch-free form (see the module doc); ``vs=None``: the lean step.
-    ``n``: scalars in the group (``beta = repulsive_weight * n``)."""
+    """One step of a group in the branch-free form (see the module doc), traced by torch.compile:
+    each tensor's expressions fuse into one pass, and ``apply`` masks every write (a ``where``
+    inside that pass). ``vs=None``: the lean step. ``n``: scalars in the group."""
     f = acc_dtype(params)
-    lr = group["lr"]
-    lr = lr.to(f) if isinstance(lr, Tensor) else lr
-    s = sched["step"] + 1
-    in_burn = s <= group["burn_in_steps"]
-    t = s - group["burn_in_steps"]
-    is_reset = torch.logical_and(torch.logical_not(in_burn), t == sched["next_reset"])
-    bounds = group["momentum_bounds"]
-    if bounds is not None:
-        mu = (1.0 - 1.0 / (1.0 + t.to(f) / group["momentum_ramp_steps"])).clamp(bounds[0], bounds[1])
-    else:  # written by a momentum-cycling scheduler (a new value recompiles)
-        mu = torch.full((), constant_momentum(group["momentum"]), dtype=f, device=s.device)
-    zero, one = torch.zeros((), dtype=f, device=s.device), torch.ones((), dtype=f, device=s.device)
-    mu = torch.where(in_burn, zero, mu)
-    coef, sq = zero, torch.full((), math.nan, dtype=f, device=s.device)
-    if vs is not None:  # the regularizer: r over the group, c = alpha r - beta / r^3 on regular steps
-        sq = sum(((w.to(f) - v.to(f)) ** 2).sum() for w, v in zip(params, vs, strict=True))  # type: ignore[assignment]
-        r = sq.sqrt()
-        scale = regularizer_scale(group, lr)
-        alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
-        regular = torch.logical_not(torch.logical_or(in_burn, is_reset))
-        ok = regular & torch.isfinite(r) & (r > 0)
-        safe = torch.where(ok, r, one)
-        coef = torch.where(ok, alpha * safe - beta / (safe * safe * safe), zero)
-    a = torch.where(in_burn, one, torch.where(is_reset, zero, mu))
-    b = torch.where(in_burn, zero, one) * lr
-    k = torch.where(in_burn, zero, one - group["ema_decay"])
+    sq = None
+    if vs is not None:
+        sq = sum(((w.to(f) - v.to(f)) ** 2).sum() for w, v in zip(params, vs, strict=True))
+    sc = step_scalars(group, sched, sq, n, f)  # type: ignore[arg-type]
+    b = sc.beta * sc.lr
     wd = group["weight_decay"]
 
     def put(dst: Tensor, new: Tensor) -> None:
@@ -105,31 +182,111 @@ def graph_step(
         if wd != 0.0:
             gf = gf + wd * wf
         vf = vs[i].to(f) if vs is not None else None
-        d = gf if vf is None else gf + coef * (wf - vf)
-        m_new = a * mf - b * d
-        w_new = wf + mu * m_new - lr * d
+        d = gf if vf is None else gf + sc.coef * (wf - vf)
+        m_new = sc.a * mf - b * d
+        w_new = wf + sc.mu * m_new - sc.lr * d
         put(m, m_new)
         put(w, w_new)
         if vs is not None and vf is not None:
-            put(vs[i], vf + k * (w_new - vf))
+            put(vs[i], vf + sc.k * (w_new - vf))
+    advance(group, sched, sc, apply)
 
-    applied = apply if apply is not None else torch.ones((), dtype=torch.bool, device=s.device)
-    reset_now = is_reset & applied
-    interval = sched["reset_interval"]
-    grown = torch.clamp(torch.floor(group["reset_growth"] * interval.to(f)).to(torch.int64), min=1)
-    code = torch.where(in_burn, 0, torch.where(is_reset, 1, 2))
-    updates = {
-        "step": sched["step"] + applied.to(torch.int64),
-        "next_reset": torch.where(reset_now, sched["next_reset"] + interval, sched["next_reset"]),
-        "reset_interval": torch.where(reset_now, grown, interval),
-        "skipped_steps": sched["skipped_steps"] + torch.logical_not(applied).to(torch.int64),
-        "consecutive_skipped_steps": torch.where(applied, 0, sched["consecutive_skipped_steps"] + 1),
-        "phase": torch.where(applied, code, sched["phase"]),
-        "lr": torch.where(applied, lr * one, sched["lr"]),
-        "sq": torch.where(applied, sq.to(f), sched["sq"]),
-    }
-    for key, value in updates.items():
-        sched[key].copy_(value)
+
+def eager_step(
+    group: dict[str, Any],
+    sched: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    n: int,
+    burn_in: bool | None,
+) -> Tensor:
+    """One eager multi-tensor step with ``nonfinite="skip"`` and no host read: the finite check is
+    a device flag, the schedule the device counters, and a skipped step writes nothing back (its
+    ``-lr d`` is zeroed bit for bit and its factors made the identity). ``burn_in``: what the host
+    knows of this step's phase from the counters' bounds (``None``: it cannot tell). Returns the
+    group's ``||w - v||^2`` (nan where not summed), a device tensor."""
+    f = acc_dtype(params)
+    ok = finite_tensor(grads)
+    sq = diffs = None
+    if vs is not None and burn_in is not True:
+        if low_precision(params):
+            sq = squared_distance(params, vs, True)
+        else:
+            sq, diffs = squared_distance_and_diffs(params, vs, True)
+    sc = step_scalars(group, sched, sq, n, f)
+    zero, one = torch.zeros((), dtype=f, device=ok.device), torch.ones((), dtype=f, device=ok.device)
+    nlr = -sc.lr if not isinstance(sc.lr, Tensor) else -(sc.lr * one)
+    masked_update(
+        params,
+        grads,
+        ms,
+        vs if burn_in is not True else None,
+        ok=ok,
+        nlr=nlr,
+        a=torch.where(ok, sc.a, one),
+        beta=sc.beta,
+        mu=torch.where(ok, sc.mu, zero),
+        k=torch.where(ok, sc.k, zero),
+        coef=sc.coef,
+        weight_decay=group["weight_decay"],
+        burn_in=burn_in,
+        diffs=diffs,
+    )
+    advance(group, sched, sc, ok)
+    return sc.sq
+
+
+# what a compiled step reads of its group besides lr: constants of the group (their guards hold)
+STATIC_KEYS = (
+    "burn_in_steps",
+    "momentum_bounds",
+    "momentum_ramp_steps",
+    "cubic_weight",
+    "repulsive_weight",
+    "ema_decay",
+    "weight_decay",
+    "reset_growth",
+    "regularizer_schedule",
+    "reference_lr",
+)
+
+
+def _compiled_body(
+    group: dict[str, Any],
+    sched: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    n: int,
+) -> None:
+    graph_step(group, sched, params, grads, ms, vs, finite_tensor(grads), n)
+
+
+def compiled_step(
+    group: dict[str, Any],
+    sched: dict[str, Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    n: int,
+) -> Tensor:
+    """:func:`graph_step` with its finite check, as one graph the library compiles (``fused=True``
+    off the CPU kernel, ``nonfinite="skip"``): one pass over each tensor, a skipped step masked in
+    it, no host read. The group's constants reach the graph as constants, ``lr`` as a 0-d tensor
+    (a changing learning rate does not recompile); a group whose momentum a scheduler writes is not
+    taken here. Returns the device ``||w - v||^2`` of the last applied step. Raises whatever
+    compilation raises, before anything is written."""
+    f, dev = acc_dtype(params), params[0].device
+    lr = group["lr"]
+    static = {k: group[k] for k in STATIC_KEYS}
+    static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=dev)
+    key = F._key("graph", params, vs is None, group["weight_decay"] != 0.0, n)
+    F._compiled(key, _compiled_body)(static, sched, params, grads, ms, vs, n)  # type: ignore[operator]
+    return sched["sq"]
 
 
 def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple[Any, ...] | None]:
@@ -138,8 +295,10 @@ def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple
     and the last step's record ``(plan, lr, sq)`` (``None``: no compiled step since)."""
     ints = torch.stack([sched[k] for k in (*INT_KEYS, "phase")]).tolist()
     values = dict(zip((*INT_KEYS, "phase"), ints, strict=True))
-    if values["step"] + values["skipped_steps"] == group["step"] + group["skipped_steps"]:
-        return 0, None  # no compiled step since the host counters were written: nothing to bring
+    if values["step"] == group["step"] and values["skipped_steps"] == group["skipped_steps"]:
+        # no step since the host counters were written, or only eager ones that applied (the host
+        # counted them as it went): nothing to bring
+        return 0, None
     lr, sq = torch.stack([sched["lr"], sched["sq"]]).tolist()
     newly_skipped = values["skipped_steps"] - group["skipped_steps"]
     for k in INT_KEYS:

@@ -227,3 +227,25 @@ def use_fused(opt: Any, group: dict[str, Any], lw: list[Tensor]) -> bool:
             raise RuntimeError("Neumann(fused=True) needs the parameters of a group on one device, in one dtype")
         return False
     return True
+
+
+# tests set this to run the accelerators' host-read-free multi-tensor step on CPU tensors
+SYNC_FREE_ON_CPU = False
+
+
+def sync_free(opt: Any, gi: int, lw: list[Tensor]) -> bool:
+    """Group ``gi`` takes a step without host reads, its schedule and finite check on the device:
+    ``nonfinite="skip"``, plain tensors on one accelerator in one dtype, on the multi-tensor path
+    (``_graph_step.eager_step``) or the compiled graph (``_graph_step.compiled_step``). On CPU a
+    host read waits for nothing, so CPU groups keep the host schedule."""
+    group = opt.param_groups[gi]
+    if group["nonfinite"] != "skip" or not opt._is_plain(gi) or len({(t.device, t.dtype) for t in lw}) != 1:
+        return False
+    if lw[0].device.type == "cpu" and not SYNC_FREE_ON_CPU:
+        return False
+    if _wants_native(group) and _native_ok(lw):
+        return False
+    if use_fused(opt, group, lw):  # the compiled graph; a momentum a scheduler writes would recompile it
+        return group["momentum_bounds"] is not None
+    foreach = group["foreach"]
+    return bool(foreach) or (foreach is None and lw[0].device.type != "cpu")

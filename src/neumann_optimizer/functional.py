@@ -33,6 +33,7 @@ from .schedule import Phase
 __all__ = [
     "fused_neumann_update",
     "fused_squared_distance",
+    "masked_update",
     "neumann_update",
     "regularizer_coefficient",
     "squared_distance",
@@ -230,9 +231,14 @@ def neumann_update(
     kw: dict[str, Any] = dict(
         phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay, weight_decay=weight_decay
     )
-    if any(w.dtype in LOW_PRECISION for w in params):
-        for a, b in _chunks(params):
-            _update_upcast(params[a:b], grads[a:b], ms[a:b], vs[a:b] if vs is not None else None, foreach, apply, **kw)
+    if low_precision(params):
+
+        def run(w: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor] | None) -> None:
+            _update(w, g, m, v, foreach=foreach, apply=apply, diffs=None, **kw)
+
+        for a, b in _chunks(params):  # burn-in leaves m and v as they are
+            v = vs[a:b] if vs is not None else None
+            _update_upcast(params[a:b], grads[a:b], ms[a:b], v, run, phase is not Phase.BURN_IN)
         return
     _update(params, grads, ms, vs, foreach=foreach, apply=apply, diffs=diffs, **kw)
 
@@ -242,20 +248,127 @@ def _update_upcast(
     grads: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor] | None,
-    foreach: bool,
-    apply: Tensor | None,
-    **kw: Any,
+    run: Callable[..., None],
+    writes_state: bool,
 ) -> None:
-    """:func:`_update` on float32 copies of these (low-precision) tensors, rounded back once."""
+    """``run(params, grads, ms, vs)`` on float32 copies of these (low-precision) tensors, rounded
+    back once (``m`` and ``v`` too where ``writes_state``)."""
     originals = (params, ms, vs if vs is not None else [])
     params, grads, ms = (_upcast(ts) for ts in (params, grads, ms))
     vs = _upcast(vs) if vs is not None else None
-    _update(params, grads, ms, vs, foreach=foreach, apply=apply, diffs=None, **kw)
-    written = originals if kw["phase"] is not Phase.BURN_IN else originals[:1]  # burn-in leaves m and v
+    run(params, grads, ms, vs)
+    written = originals if writes_state else originals[:1]
     for dsts, srcs in zip(written, (params, ms, vs or []), strict=False):
         for dst, src in zip(dsts, srcs, strict=True):
             if dst is not src:
                 dst.copy_(src)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16}
+_BITS[torch.bfloat16] = torch.int16
+
+
+def _zero_unless(ts: list[Tensor] | tuple[Tensor, ...], ok: Tensor, *, inplace: bool) -> list[Tensor]:
+    """``ts`` where ``ok`` holds, else zeros, bit for bit, inf and NaN included: the bit patterns,
+    viewed as integers, times 0 or 1 (no foreach operation masks a NaN out of a float list:
+    ``NaN * 0`` is NaN). One pass, no host read."""
+    bits = _BITS[ts[0].dtype]
+    views = [t.view(bits) for t in ts]
+    flag = ok.to(bits)
+    if inplace:
+        torch._foreach_mul_(views, flag)
+        return list(ts)
+    return [t.view(ts[0].dtype) for t in torch._foreach_mul(views, flag)]
+
+
+def masked_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    *,
+    ok: Tensor,
+    nlr: Tensor | float,
+    a: Tensor,
+    beta: Tensor,
+    mu: Tensor,
+    k: Tensor,
+    coef: Tensor,
+    weight_decay: float,
+    burn_in: bool | None,
+    diffs: list[Tensor] | tuple[Tensor, ...] | None = None,
+) -> None:
+    """One multi-tensor step in the branch-free form of ``_graph_step``, written back only where the
+    0-d bool ``ok`` holds, with no host read: ``e = -lr d`` is zeroed bit for bit where ``ok`` is
+    false, and the caller passes the factors ``a = 1``, ``mu = 0`` and ``k = 0`` there, so every
+    write adds a zero or multiplies by one::
+
+        e = nlr (g + weight_decay w + coef (w - v))
+        m <- a m + beta e;   w <- w + mu m + e;   v <- v + k (w - v)
+
+    ``burn_in``: ``True`` when the step is known to be in burn-in (``m`` and ``v`` are not touched,
+    no ``w - v``), ``False`` when known not to be (``beta = 1``), ``None``: ``beta`` decides.
+    ``vs=None``: the lean step (no ``v``). Each of ``ms``, ``w`` and ``vs`` costs one pass more
+    than the host-scheduled multi-tensor step, whose scalars are Python numbers. Low-precision
+    tensors are updated in float32 a chunk at a time, as :func:`neumann_update`.
+    """
+    kw: dict[str, Any] = dict(
+        ok=ok, nlr=nlr, a=a, beta=beta, mu=mu, k=k, coef=coef, weight_decay=weight_decay, burn_in=burn_in
+    )
+    if low_precision(params):
+        for lo, hi in _chunks(params):
+
+            def run(w: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor] | None) -> None:
+                _masked_multi_tensor(w, g, m, v, diffs=None, **kw)
+
+            _update_upcast(
+                params[lo:hi], grads[lo:hi], ms[lo:hi], vs[lo:hi] if vs is not None else None, run, burn_in is not True
+            )
+        return
+    _masked_multi_tensor(params, grads, ms, vs, diffs=diffs, **kw)
+
+
+def _masked_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    *,
+    ok: Tensor,
+    nlr: Tensor | float,
+    a: Tensor,
+    beta: Tensor,
+    mu: Tensor,
+    k: Tensor,
+    coef: Tensor,
+    weight_decay: float,
+    burn_in: bool | None,
+    diffs: list[Tensor] | tuple[Tensor, ...] | None,
+) -> None:
+    if not params:
+        return
+    if vs is None:
+        if weight_decay != 0.0:
+            e = _zero_unless(torch._foreach_add(grads, params, alpha=weight_decay), ok, inplace=True)
+        else:
+            e = _zero_unless(grads, ok, inplace=False)  # a zeroed copy: the gradients stay as they are
+    else:
+        e = list(diffs) if diffs is not None else list(torch._foreach_sub(params, vs))
+        torch._foreach_mul_(e, coef)
+        torch._foreach_add_(e, grads)
+        if weight_decay != 0.0:
+            torch._foreach_add_(e, params, alpha=weight_decay)
+        _zero_unless(e, ok, inplace=True)
+    torch._foreach_mul_(e, nlr)
+    if burn_in is not True:
+        torch._foreach_mul_(ms, a)
+        torch._foreach_add_(ms, e if burn_in is False else torch._foreach_mul(e, beta))
+        torch._foreach_add_(params, torch._foreach_mul(ms, mu))
+    torch._foreach_add_(params, e)
+    if vs is not None and burn_in is not True:
+        dv = torch._foreach_sub(params, vs)
+        torch._foreach_mul_(dv, k)
+        torch._foreach_add_(vs, dv)
 
 
 def _update(
@@ -380,8 +493,9 @@ _COMPILED: dict[tuple, object] = {}
 _COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"size_asserts": False}
 
 
-def _compiled(key: tuple) -> object:
-    """A compiled copy of a body, one per ``key``.
+def _compiled(key: tuple, body: Callable[..., Any] | None = None) -> object:
+    """A compiled copy of a body (``_fused_body`` for ``"step"`` keys, else ``_sq_body``, unless
+    given), one per ``key``.
 
     Dynamo caches compiled graphs per code object and caps them (``recompile_limit``, 8); each
     phase, tensor count and dtype of a group is a graph of its own, so every key gets its own
@@ -389,7 +503,8 @@ def _compiled(key: tuple) -> object:
     """
     fn = _COMPILED.get(key)
     if fn is None:
-        body = _fused_body if key[0] == "step" else _sq_body
+        if body is None:
+            body = _fused_body if key[0] == "step" else _sq_body
         tag = "_".join(str(k).replace(".", "_") for k in key)
         code = body.__code__.replace(co_name=f"{body.__name__}_{tag}")
         copy = types.FunctionType(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
@@ -440,8 +555,8 @@ def fused_neumann_update(
     dev = params[0].device
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
 
-    def scalar(x: float) -> Tensor:
-        return torch.tensor(x, dtype=dtype, device=dev)
+    def scalar(x: float) -> Tensor:  # a fill on the device (the value a kernel argument), not a host copy
+        return torch.full((), x, dtype=dtype, device=dev)
 
     c = coef.to(device=dev, dtype=dtype) if coef is not None else scalar(0.0)
     return fn(  # type: ignore[operator]

@@ -7,6 +7,7 @@ step's phase on the host, and hands plain tensors to :mod:`neumann_optimizer.fun
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch.optim import Optimizer
 from ._checkpoint import check_state_dict, saved_averages, v_dtype
 from ._distributed import is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
-from ._graph_step import graph_step, new_schedule, refresh, to_host
+from ._graph_step import SYNC_EVERY, compiled_step, eager_step, graph_step, new_schedule, refresh, to_host
 from ._hyperparams import (
     COUNTERS,
     EPOCH_DEFAULTS,
@@ -44,6 +45,9 @@ from ._nonfinite import (
 from ._paths import (
     FUSED_DEFAULT_MIN_NUMEL,
     _real,
+    compile_failed,
+    fused_fallback,
+    sync_free,
     update_group,
     use_fused,
 )
@@ -228,6 +232,7 @@ class Neumann(EvaluationWeights, Optimizer):
         self._records: dict[int, tuple[Any, ...] | None] = {}
         # per group index: its counters as device tensors, once it was stepped under torch.compile
         self._sched: dict[int, dict[str, Tensor]] = {}
+        self._unsynced: dict[int, int] = {}  # per group index: device-scheduled eager steps since its last sync
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -258,6 +263,7 @@ class Neumann(EvaluationWeights, Optimizer):
         self.__dict__["_carried"] = {}
         self.__dict__["_records"] = {}
         self.__dict__.setdefault("_sched", {})
+        self.__dict__["_unsynced"] = {}
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
@@ -336,11 +342,13 @@ class Neumann(EvaluationWeights, Optimizer):
                 "weights w - mu m; call optimizer.train() before training again"
             )
         compiling = torch.compiler.is_compiling()
-        if not compiling and self._sched:
-            self._sync_counters()  # an eager step after compiled ones: the host counters first
         entries = [entry for entry in self._gather() if entry[2]]
+        # groups whose step reads nothing on the host (the schedule and the finite check on the device)
+        device = set() if compiling else {gi for gi, _, ps, _ in entries if sync_free(self, gi, self._local(gi, ps))}
+        if not compiling and set(self._sched) - device:
+            self._sync_counters(skip=device)  # host-scheduled steps after device ones: the host counters first
         applies: dict[int, Tensor] = {}
-        checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore"]
+        checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore" and e[0] not in device]
         if compiling:
             # "skip": a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no
             # graph break; a non-finite step leaves weights and state untouched
@@ -361,10 +369,13 @@ class Neumann(EvaluationWeights, Optimizer):
                 self._graph_step(gi, params, grads, applies.get(gi))
                 continue
             if gi not in skipped:
-                self._step_group(gi, params, grads, applies.get(gi))
+                self._step_group(gi, params, grads, applies.get(gi), device=gi in device)
                 self.param_groups[gi]["consecutive_skipped_steps"] = 0
-            if gi in self._sched and not compiling:  # keep a compiled step's device counters current
+            if self._unsynced.get(gi, 0) >= SYNC_EVERY:  # the occasional read of a device-scheduled group
+                self._sync_counters(only=gi)
+            if gi in self._sched and gi not in device and not compiling:  # keep the device counters current
                 refresh(self._sched[gi], self.param_groups[gi])
+                self._unsynced[gi] = 0
         return loss
 
     def _buffers(self, group: dict[str, Any], params: list[Tensor], lean: bool) -> tuple[list[Tensor], list[Tensor]]:
@@ -382,43 +393,79 @@ class Neumann(EvaluationWeights, Optimizer):
             vs.append(state.get("v"))
         return ms, vs
 
+    def _schedule(self, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
+        sched = self._sched.get(gi)
+        if sched is None:
+            sched = self._sched[gi] = new_schedule(self.param_groups[gi], params)
+        return sched
+
     def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None) -> None:
         """A step traced by ``torch.compile``: the schedule as device tensors (see ``_graph_step``)."""
         group = self.param_groups[gi]
         lean = is_lean(group)
         ms, vs = self._buffers(group, params, lean)
-        sched = self._sched.get(gi)
-        if sched is None:
-            sched = self._sched[gi] = new_schedule(group, params)
+        sched = self._schedule(gi, params)
+        self._unsynced.pop(gi, None)  # the host counters no longer follow the device ones
         n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
         graph_step(group, sched, params, grads, ms, None if lean else vs, apply, n)
         # (nothing else of the optimizer is touched here: any Python value read or written in this
         # frame becomes a guard; the host learns of the step from the device schedule when it asks)
 
-    def _sync_counters(self) -> None:
-        """Bring the host counters of groups stepped under ``torch.compile`` up to date (one read of
-        the device per group), with the skip warnings those steps owe."""
+    def _device_update(self, gi: int, params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: Any) -> Tensor:
+        """The eager multi-tensor step without host reads (``_graph_step.eager_step``); the host counters
+        advance as if it applied and are corrected when read (see ``_sync_counters``)."""
+        group = self.param_groups[gi]
+        if gi not in self._unsynced and gi in self._sched:  # after compiled steps: the host counters first
+            self._sync_counters(only=gi)
+        sched = self._schedule(gi, params)
+        pending = self._unsynced[gi] = self._unsynced.get(gi, 0) + 1
+        # the host counts every step since the last read as applied, the device only those it applied
+        hi, burn = group["step"] + 1, group["burn_in_steps"]
+        burn_in = True if hi <= burn else False if hi - pending + 1 > burn else None
+        n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
+        if use_fused(self, group, params):
+            try:
+                return compiled_step(group, sched, params, grads, ms, vs, n)
+            except Exception as exc:
+                if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
+                    raise
+                fused_fallback(self, exc)  # compilation failed before anything was written
+        return eager_step(group, sched, params, grads, ms, vs, n, burn_in)
+
+    def _sync_counters(self, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:
+        """Bring the host counters of groups stepped with the device schedule (under ``torch.compile``
+        or by the eager multi-tensor step without host reads) up to date (one read of the device per
+        group), with the skip warnings those steps owe; groups in ``skip`` are left for later."""
         if torch.compiler.is_compiling():
             return
         for gi, sched in self._sched.items():
+            if gi in skip or only not in (None, gi):
+                continue
+            self._unsynced[gi] = 0  # (host and device counters agree from here)
             group = self.param_groups[gi]
             before = group["skipped_steps"]
             newly_skipped, rec = to_host(group, sched)
             warn_skips(group, gi, len(self.param_groups), before, newly_skipped)
-            if rec is not None:
-                self._records[gi] = (*rec, None, is_lean(group))
+            if rec is not None:  # (a lean step summed no norm)
+                self._records[gi] = (rec[0], rec[1], None if is_lean(group) else rec[2], None, is_lean(group))
 
-    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None) -> None:
+    def _step_group(
+        self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None, device: bool = False
+    ) -> None:
         group = self.param_groups[gi]
         if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
         lean = is_lean(group)
         ms, vs = self._buffers(group, params, lean)
-        lr = float(group["lr"])
-        weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean else None
+        lr = group["lr"] if device else float(group["lr"])  # (a tensor lr stays one on the device step)
+        weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean and not device else None
         vs_ = None if lean else vs
-        sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)
+        if device:
+            sq: Any = self._device_update(gi, params, grads, ms, vs_)
+            sq = None if lean else sq
+        else:
+            sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)
         self._records[gi] = (plan, lr, sq, weights, lean)
         group["step"] += 1
         if plan.phase is not Phase.BURN_IN:
@@ -462,6 +509,7 @@ class Neumann(EvaluationWeights, Optimizer):
         if rec is None:
             return None
         plan, lr, sq, weights, lean = rec
+        lr = float(lr)
         if weights is None:  # not needed by the step itself; as they stood at its learning rate
             weights = (0.0, 0.0) if lean else regularizer_weights({**self.param_groups[group], "lr": lr})
         return {**describe_step(self.param_groups[group]["step"], plan, lr, sq, *weights), "lean": lean}
