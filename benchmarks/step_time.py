@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 
@@ -65,7 +66,7 @@ class CompiledGraph(Neumann):
     """``Neumann(fused=True)`` on its torch.compile'd graph, timed on CPU too (as where the CPU
     kernel is unavailable)."""
 
-    patches: dict[str, object] = dict(_native_ok=lambda *lists: False)
+    patches: ClassVar[dict[str, object]] = dict(_native_ok=lambda *lists: False)
 
     def step(self, closure=None):  # type: ignore[override]
         with patched(**self.patches):
@@ -76,7 +77,7 @@ class DeviceSchedule(CompiledGraph):
     """Neumann's steps as on accelerators, timed on CPU: the schedule and finite check on the device,
     no host read (the multi-tensor step masks a skipped step with one pass more per buffer)."""
 
-    patches = dict(CompiledGraph.patches, SYNC_FREE_ON_CPU=True)
+    patches: ClassVar[dict[str, object]] = dict(CompiledGraph.patches, SYNC_FREE_ON_CPU=True)
 
 
 def compiled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -311,3 +311,44 @@ def test_many_groups_of_equal_counts_and_other_shapes_compile_apart(monkeypatch)
     for ps, qs in zip(made, twin, strict=True):
         for p, q in zip(ps, qs, strict=True):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_device_compiled_path_compiles_one_graph_per_group_for_the_whole_schedule(monkeypatch):
+    """fused=True on the device schedule (as on accelerators): through burn-in, the momentum ramp,
+    several resets and skipped steps, with LambdaLR changing lr every step, each group compiles one
+    graph and never recompiles (dynamo's error_on_recompile), and the run equals the multi-tensor
+    path's."""
+    kw = dict(burn_in_steps=3, reset_steps=4, momentum_ramp_steps=3, cubic_weight=0.05, repulsive_weight=1e-3)
+
+    def run(fused):
+        problem = ElementwiseProblem([[(7, 3), (3,)], [(4, 4)]], 0)
+        opt = Neumann(
+            [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
+            lr=0.1,
+            fused=fused,
+            foreach=None if fused else True,
+            **kw,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.05 * s))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip warnings
+            for i in range(40):
+                problem.set_grads()
+                if i in (5, 17):
+                    problem.params[1][0].grad[0, 0] = float("nan")
+                opt.step()
+                sched.step()
+            return problem, opt, opt.state_dict()
+
+    pa, _, sa = run(False)
+    _select(monkeypatch, "device-compiled")
+    monkeypatch.setattr(F, "_COMPILED", {})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pb, ob, sb = run(True)
+    assert sorted(k[0] for k in F._COMPILED) == ["graph", "graph"] and not ob._fused_failed
+    keys = ("step", "skipped_steps", "next_reset", "reset_interval")
+    assert [[g[k] for k in keys] for g in sa["param_groups"]] == [[g[k] for k in keys] for g in sb["param_groups"]]
+    assert [g["skipped_steps"] for g in sb["param_groups"]] == [0, 2]
+    for ga, gb in zip(pa.params, pb.params, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

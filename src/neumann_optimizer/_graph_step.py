@@ -28,14 +28,16 @@ the group or when something reads them.
 from __future__ import annotations
 
 import math
+from collections.abc import Set as AbstractSet
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._hyperparams import regularizer_scale
-from ._nonfinite import finite_tensor
 from . import functional as F
+from ._hyperparams import is_lean, real_numel, regularizer_scale
+from ._nonfinite import finite_tensor, warn_skips
+from ._paths import compile_failed, fused_fallback, use_fused
 from .functional import (
     low_precision,
     masked_update,
@@ -316,3 +318,54 @@ def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple
     phase = PHASE_OF_CODE[values["phase"]]
     plan = StepPlan(phase, group["last_momentum"] if phase is not Phase.BURN_IN else 0.0, 0)
     return newly_skipped, (plan, lr, sq if phase is Phase.NEUMANN else None)
+
+
+def schedule_of(opt: Any, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
+    """Group ``gi``'s device schedule, created from its host counters at its first such step."""
+    sched = opt._sched.get(gi)
+    if sched is None:
+        sched = opt._sched[gi] = new_schedule(opt.param_groups[gi], params)
+    return sched
+
+
+def device_update(
+    opt: Any, gi: int, params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor] | None
+) -> Tensor:
+    """An eager step of group ``gi`` without host reads: :func:`compiled_step` where the group takes
+    the compiled graph (falling back, as the host-scheduled path does, where compilation fails),
+    else :func:`eager_step`. The host counters advance as if it applied and are corrected when read
+    (:func:`sync_counters`). Returns the device ``||w - v||^2``."""
+    group = opt.param_groups[gi]
+    if gi not in opt._unsynced and gi in opt._sched:  # after compiled steps: the host counters first
+        sync_counters(opt, only=gi)
+    sched = schedule_of(opt, gi, params)
+    pending = opt._unsynced[gi] = opt._unsynced.get(gi, 0) + 1
+    # the host counts every step since the last read as applied, the device only those it applied
+    hi, burn = group["step"] + 1, group["burn_in_steps"]
+    burn_in = True if hi <= burn else False if hi - pending + 1 > burn else None
+    n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
+    if use_fused(opt, group, params):
+        try:
+            return compiled_step(group, sched, params, grads, ms, vs, n)
+        except Exception as exc:
+            if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
+                raise
+            fused_fallback(opt, exc)  # compilation failed before anything was written
+    return eager_step(group, sched, params, grads, ms, vs, n, burn_in)
+
+
+def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:
+    """Write the device counters of ``opt``'s device-scheduled groups into their host counters (one
+    read per group), with the skip warnings owed; groups in ``skip`` (or other than ``only``) are
+    left for later."""
+    for gi, sched in opt._sched.items():
+        if gi in skip or only not in (None, gi):
+            continue
+        opt._unsynced[gi] = 0  # (host and device counters agree from here)
+        group = opt.param_groups[gi]
+        before = group["skipped_steps"]
+        newly_skipped, rec = to_host(group, sched)
+        warn_skips(group, gi, len(opt.param_groups), before, newly_skipped)
+        if rec is not None:  # (a lean step summed no norm)
+            lean = is_lean(group)
+            opt._records[gi] = (rec[0], rec[1], None if lean else rec[2], None, lean)

@@ -303,13 +303,15 @@ def masked_update(
     false, and the caller passes the factors ``a = 1``, ``mu = 0`` and ``k = 0`` there, so every
     write adds a zero or multiplies by one::
 
-        e = nlr (g + weight_decay w + coef (w - v))
+        e = nlr (g + weight_decay w + coef (w - v))      (nlr = -lr)
         m <- a m + beta e;   w <- w + mu m + e;   v <- v + k (w - v)
 
     ``burn_in``: ``True`` when the step is known to be in burn-in (``m`` and ``v`` are not touched,
     no ``w - v``), ``False`` when known not to be (``beta = 1``), ``None``: ``beta`` decides.
-    ``vs=None``: the lean step (no ``v``). Each of ``ms``, ``w`` and ``vs`` costs one pass more
-    than the host-scheduled multi-tensor step, whose scalars are Python numbers. Low-precision
+    ``vs=None``: the lean step (no ``v``). Against the host-scheduled multi-tensor step, whose
+    scalars are Python numbers, masking costs a pass to zero ``e``, and ``mu m`` and ``k (w - v)``
+    become temporaries (tensor factors cannot scale a foreach add): about 32 passes over the
+    parameters against 23 for a regular step (15 against 11 for the lean one). Low-precision
     tensors are updated in float32 a chunk at a time, as :func:`neumann_update`.
     """
     kw: dict[str, Any] = dict(
@@ -359,12 +361,15 @@ def _masked_multi_tensor(
         if weight_decay != 0.0:
             torch._foreach_add_(e, params, alpha=weight_decay)
         _zero_unless(e, ok, inplace=True)
-    torch._foreach_mul_(e, nlr)
+    # e holds d, zeroed where skipped: a Python lr scales it inside the adds, a tensor lr once here
+    alpha = nlr if not isinstance(nlr, Tensor) else 1.0
+    if isinstance(nlr, Tensor):
+        torch._foreach_mul_(e, nlr)
     if burn_in is not True:
         torch._foreach_mul_(ms, a)
-        torch._foreach_add_(ms, e if burn_in is False else torch._foreach_mul(e, beta))
+        torch._foreach_add_(ms, e if burn_in is False else torch._foreach_mul(e, beta), alpha=alpha)
         torch._foreach_add_(params, torch._foreach_mul(ms, mu))
-    torch._foreach_add_(params, e)
+    torch._foreach_add_(params, e, alpha=alpha)
     if vs is not None and burn_in is not True:
         dv = torch._foreach_sub(params, vs)
         torch._foreach_mul_(dv, k)

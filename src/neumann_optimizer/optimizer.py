@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from ._checkpoint import check_state_dict, saved_averages, v_dtype
 from ._distributed import is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
-from ._graph_step import SYNC_EVERY, compiled_step, eager_step, graph_step, new_schedule, refresh, to_host
+from ._graph_step import SYNC_EVERY, device_update, graph_step, refresh, schedule_of, sync_counters
 from ._hyperparams import (
     COUNTERS,
     EPOCH_DEFAULTS,
@@ -40,13 +40,10 @@ from ._nonfinite import (
     finite_flags,
     finite_tensor,
     raise_nonfinite,
-    warn_skips,
 )
 from ._paths import (
     FUSED_DEFAULT_MIN_NUMEL,
     _real,
-    compile_failed,
-    fused_fallback,
     sync_free,
     update_group,
     use_fused,
@@ -132,8 +129,11 @@ class Neumann(EvaluationWeights, Optimizer):
             when 100 steps in a row were skipped); ``"raise"`` raises naming the parameter, before
             any group is written;
             ``"ignore"`` does no check (fastest, no host synchronisation). Inside ``torch.compile``
-            ``"skip"`` checks with a tensor (no graph break): a non-finite step writes nothing
-            back but still counts as a step.
+            and on accelerators (the multi-tensor step and ``fused=True``), ``"skip"`` reads nothing
+            on the host: the check is a device flag and the schedule lives on the device, so a
+            skipped step writes nothing and is not counted there; ``param_groups`` counts each eager
+            step as applied and is corrected, with the warnings owed, every 100 steps of the group
+            and whenever ``state_dict()``, ``eval()``/``train()`` or ``step_record()`` read it.
         evaluation: how :meth:`eval` switches to ``w - mu m``. ``"exact"`` (default) keeps a copy of
             the training weights (+1x parameter memory while in eval mode) and :meth:`train`
             restores them bit for bit, so evaluating never changes a training run. ``"in_place"``
@@ -393,61 +393,23 @@ class Neumann(EvaluationWeights, Optimizer):
             vs.append(state.get("v"))
         return ms, vs
 
-    def _schedule(self, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
-        sched = self._sched.get(gi)
-        if sched is None:
-            sched = self._sched[gi] = new_schedule(self.param_groups[gi], params)
-        return sched
-
     def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None) -> None:
         """A step traced by ``torch.compile``: the schedule as device tensors (see ``_graph_step``)."""
         group = self.param_groups[gi]
         lean = is_lean(group)
         ms, vs = self._buffers(group, params, lean)
-        sched = self._schedule(gi, params)
+        sched = schedule_of(self, gi, params)
         self._unsynced.pop(gi, None)  # the host counters no longer follow the device ones
         n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
         graph_step(group, sched, params, grads, ms, None if lean else vs, apply, n)
         # (nothing else of the optimizer is touched here: any Python value read or written in this
         # frame becomes a guard; the host learns of the step from the device schedule when it asks)
 
-    def _device_update(self, gi: int, params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: Any) -> Tensor:
-        """The eager multi-tensor step without host reads (``_graph_step.eager_step``); the host counters
-        advance as if it applied and are corrected when read (see ``_sync_counters``)."""
-        group = self.param_groups[gi]
-        if gi not in self._unsynced and gi in self._sched:  # after compiled steps: the host counters first
-            self._sync_counters(only=gi)
-        sched = self._schedule(gi, params)
-        pending = self._unsynced[gi] = self._unsynced.get(gi, 0) + 1
-        # the host counts every step since the last read as applied, the device only those it applied
-        hi, burn = group["step"] + 1, group["burn_in_steps"]
-        burn_in = True if hi <= burn else False if hi - pending + 1 > burn else None
-        n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-        if use_fused(self, group, params):
-            try:
-                return compiled_step(group, sched, params, grads, ms, vs, n)
-            except Exception as exc:
-                if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
-                    raise
-                fused_fallback(self, exc)  # compilation failed before anything was written
-        return eager_step(group, sched, params, grads, ms, vs, n, burn_in)
-
     def _sync_counters(self, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:
-        """Bring the host counters of groups stepped with the device schedule (under ``torch.compile``
-        or by the eager multi-tensor step without host reads) up to date (one read of the device per
-        group), with the skip warnings those steps owe; groups in ``skip`` are left for later."""
-        if torch.compiler.is_compiling():
-            return
-        for gi, sched in self._sched.items():
-            if gi in skip or only not in (None, gi):
-                continue
-            self._unsynced[gi] = 0  # (host and device counters agree from here)
-            group = self.param_groups[gi]
-            before = group["skipped_steps"]
-            newly_skipped, rec = to_host(group, sched)
-            warn_skips(group, gi, len(self.param_groups), before, newly_skipped)
-            if rec is not None:  # (a lean step summed no norm)
-                self._records[gi] = (rec[0], rec[1], None if is_lean(group) else rec[2], None, is_lean(group))
+        """Bring the host counters of groups stepped with the device schedule up to date (one read of
+        the device per group), with the skip warnings those steps owe (``skip``: left for later)."""
+        if not torch.compiler.is_compiling():
+            sync_counters(self, skip, only)
 
     def _step_group(
         self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None, device: bool = False
@@ -462,7 +424,7 @@ class Neumann(EvaluationWeights, Optimizer):
         weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean and not device else None
         vs_ = None if lean else vs
         if device:
-            sq: Any = self._device_update(gi, params, grads, ms, vs_)
+            sq: Any = device_update(self, gi, params, grads, ms, vs_)
             sq = None if lean else sq
         else:
             sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)
