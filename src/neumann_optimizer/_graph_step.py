@@ -255,18 +255,6 @@ STATIC_KEYS = (
 )
 
 
-def _compiled_body(
-    group: dict[str, Any],
-    sched: dict[str, Tensor],
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor] | None,
-    n: int,
-) -> None:
-    graph_step(group, sched, params, grads, ms, vs, finite_tensor(grads), n)
-
-
 def compiled_step(
     group: dict[str, Any],
     sched: dict[str, Tensor],
@@ -285,9 +273,11 @@ def compiled_step(
     f, dev = acc_dtype(params), params[0].device
     lr = group["lr"]
     static = {k: group[k] for k in STATIC_KEYS}
+    # (groups of other constants get graphs of their own, not recompiles of one up to dynamo's limit)
+    key = F._key("graph", params, vs is None, n, hash(tuple(static.values())))
     static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=dev)
-    key = F._key("graph", params, vs is None, group["weight_decay"] != 0.0, n)
-    F._compiled(key, _compiled_body)(static, sched, params, grads, ms, vs, n)  # type: ignore[operator]
+    ok = finite_tensor(grads)  # (a reduction that must end before the first write, inside a graph or not)
+    F._compiled(key, graph_step)(static, sched, params, grads, ms, vs, ok, n)  # type: ignore[operator]
     return sched["sq"]
 
 

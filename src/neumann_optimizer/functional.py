@@ -314,39 +314,18 @@ def masked_update(
     parameters against 23 for a regular step (15 against 11 for the lean one). Low-precision
     tensors are updated in float32 a chunk at a time, as :func:`neumann_update`.
     """
-    kw: dict[str, Any] = dict(
-        ok=ok, nlr=nlr, a=a, beta=beta, mu=mu, k=k, coef=coef, weight_decay=weight_decay, burn_in=burn_in
-    )
     if low_precision(params):
+        kw: dict[str, Any] = dict(
+            ok=ok, nlr=nlr, a=a, beta=beta, mu=mu, k=k, coef=coef, weight_decay=weight_decay, burn_in=burn_in
+        )
+
+        def run(w: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor] | None) -> None:
+            masked_update(w, g, m, v, **kw)  # (float32 copies)
+
         for lo, hi in _chunks(params):
-
-            def run(w: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor] | None) -> None:
-                _masked_multi_tensor(w, g, m, v, diffs=None, **kw)
-
-            _update_upcast(
-                params[lo:hi], grads[lo:hi], ms[lo:hi], vs[lo:hi] if vs is not None else None, run, burn_in is not True
-            )
+            v = vs[lo:hi] if vs is not None else None
+            _update_upcast(params[lo:hi], grads[lo:hi], ms[lo:hi], v, run, burn_in is not True)
         return
-    _masked_multi_tensor(params, grads, ms, vs, diffs=diffs, **kw)
-
-
-def _masked_multi_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor] | None,
-    *,
-    ok: Tensor,
-    nlr: Tensor | float,
-    a: Tensor,
-    beta: Tensor,
-    mu: Tensor,
-    k: Tensor,
-    coef: Tensor,
-    weight_decay: float,
-    burn_in: bool | None,
-    diffs: list[Tensor] | tuple[Tensor, ...] | None,
-) -> None:
     if not params:
         return
     if vs is None:
