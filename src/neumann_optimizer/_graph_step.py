@@ -37,7 +37,7 @@ from torch import Tensor
 from . import functional as F
 from ._hyperparams import is_lean, real_numel, regularizer_scale
 from ._nonfinite import finite_tensor, warn_skips
-from ._paths import compile_failed, fused_fallback, use_fused
+from ._paths import compile_failed, fused_fallback
 from .functional import (
     low_precision,
     masked_update,
@@ -90,10 +90,18 @@ class Scalars(NamedTuple):
     is_reset: Tensor
 
 
-def step_scalars(group: dict[str, Any], sched: dict[str, Tensor], sq: Tensor | None, n: int, f: torch.dtype) -> Scalars:
+def step_scalars(
+    group: dict[str, Any],
+    sched: dict[str, Tensor],
+    sq: Tensor | None,
+    n: int,
+    f: torch.dtype,
+    ok: Tensor | None = None,
+) -> Scalars:
     """The factors of the group's next step from its device counters (no host read). ``sq``:
     ``||w - v||^2`` over the group (``None``: the lean step, or a step known to be in burn-in);
-    ``n``: scalars in the group (``beta = repulsive_weight * n``)."""
+    ``n``: scalars in the group (``beta = repulsive_weight * n``). With ``ok`` (a 0-d bool), the
+    factors of ``m``, ``w`` and ``v`` are the identity where it is false (``a = 1``, ``mu = k = 0``)."""
     lr = group["lr"]
     lr = lr.to(f) if isinstance(lr, Tensor) else lr
     s = sched["step"] + 1
@@ -114,15 +122,19 @@ def step_scalars(group: dict[str, Any], sched: dict[str, Tensor], sq: Tensor | N
         scale = regularizer_scale(group, lr)
         alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
         regular = torch.logical_not(torch.logical_or(in_burn, is_reset))
-        ok = regular & torch.isfinite(r) & (r > 0)
-        safe = torch.where(ok, r, one)
-        coef = torch.where(ok, alpha * safe - beta / (safe * safe * safe), zero)
+        active = regular & torch.isfinite(r) & (r > 0)
+        safe = torch.where(active, r, one)
+        coef = torch.where(active, alpha * safe - beta / (safe * safe * safe), zero)
+    a = torch.where(in_burn, one, torch.where(is_reset, zero, mu))
+    k = torch.where(in_burn, zero, one - group["ema_decay"])
+    if ok is not None:
+        a, mu, k = torch.where(ok, a, one), torch.where(ok, mu, zero), torch.where(ok, k, zero)
     return Scalars(
         lr=lr,
         mu=mu,
-        a=torch.where(in_burn, one, torch.where(is_reset, zero, mu)),
+        a=a,
         beta=torch.where(in_burn, zero, one),
-        k=torch.where(in_burn, zero, one - group["ema_decay"]),
+        k=k,
         coef=coef,
         sq=sq.to(f) if sq is not None else torch.full((), math.nan, dtype=f, device=dev),
         in_burn=in_burn,
@@ -201,25 +213,25 @@ def eager_step(
     grads: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor] | None,
+    ok: Tensor,
     n: int,
     burn_in: bool | None,
 ) -> Tensor:
-    """One eager multi-tensor step with ``nonfinite="skip"`` and no host read: the finite check is
-    a device flag, the schedule the device counters, and a skipped step writes nothing back (its
-    ``-lr d`` is zeroed bit for bit and its factors made the identity). ``burn_in``: what the host
-    knows of this step's phase from the counters' bounds (``None``: it cannot tell). Returns the
-    group's ``||w - v||^2`` (nan where not summed), a device tensor."""
+    """One eager multi-tensor step with ``nonfinite="skip"`` and no host read: ``ok`` is the finite
+    check's device flag, the schedule the device counters, and a skipped step writes nothing back
+    (its ``-lr d`` is zeroed bit for bit and its factors made the identity). ``burn_in``: what the
+    host knows of this step's phase from the counters' bounds (``None``: it cannot tell). Returns
+    the group's ``||w - v||^2`` (nan where not summed), a device tensor."""
     f = acc_dtype(params)
-    ok = finite_tensor(grads)
     sq = diffs = None
     if vs is not None and burn_in is not True:
         if low_precision(params):
             sq = squared_distance(params, vs, True)
         else:
             sq, diffs = squared_distance_and_diffs(params, vs, True)
-    sc = step_scalars(group, sched, sq, n, f)
-    zero, one = torch.zeros((), dtype=f, device=ok.device), torch.ones((), dtype=f, device=ok.device)
-    nlr = -sc.lr if not isinstance(sc.lr, Tensor) else -(sc.lr * one)
+    sc = step_scalars(group, sched, sq, n, f, ok)
+    # a tensor lr as a device tensor (a CPU one enters as a kernel argument, not a copy)
+    nlr = -sc.lr if not isinstance(sc.lr, Tensor) else -(sc.lr * torch.ones((), dtype=f, device=ok.device))
     masked_update(
         params,
         grads,
@@ -227,10 +239,10 @@ def eager_step(
         vs if burn_in is not True else None,
         ok=ok,
         nlr=nlr,
-        a=torch.where(ok, sc.a, one),
+        a=sc.a,
         beta=sc.beta,
-        mu=torch.where(ok, sc.mu, zero),
-        k=torch.where(ok, sc.k, zero),
+        mu=sc.mu,
+        k=sc.k,
         coef=sc.coef,
         weight_decay=group["weight_decay"],
         burn_in=burn_in,
@@ -253,32 +265,6 @@ STATIC_KEYS = (
     "regularizer_schedule",
     "reference_lr",
 )
-
-
-def compiled_step(
-    group: dict[str, Any],
-    sched: dict[str, Tensor],
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor] | None,
-    n: int,
-) -> Tensor:
-    """:func:`graph_step` with its finite check, as one graph the library compiles (``fused=True``
-    off the CPU kernel, ``nonfinite="skip"``): one pass over each tensor, a skipped step masked in
-    it, no host read. The group's constants reach the graph as constants, ``lr`` as a 0-d tensor
-    (a changing learning rate does not recompile); a group whose momentum a scheduler writes is not
-    taken here. Returns the device ``||w - v||^2`` of the last applied step. Raises whatever
-    compilation raises, before anything is written."""
-    f, dev = acc_dtype(params), params[0].device
-    lr = group["lr"]
-    static = {k: group[k] for k in STATIC_KEYS}
-    # (groups of other constants get graphs of their own, not recompiles of one up to dynamo's limit)
-    key = F._key("graph", params, vs is None, n, hash(tuple(static.values())))
-    static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=dev)
-    ok = finite_tensor(grads)  # (a reduction that must end before the first write, inside a graph or not)
-    F._compiled(key, graph_step)(static, sched, params, grads, ms, vs, ok, n)  # type: ignore[operator]
-    return sched["sq"]
 
 
 def to_host(group: dict[str, Any], sched: dict[str, Tensor]) -> tuple[int, tuple[Any, ...] | None]:
@@ -319,12 +305,21 @@ def schedule_of(opt: Any, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
 
 
 def device_update(
-    opt: Any, gi: int, params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor] | None
+    opt: Any,
+    gi: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor] | None,
+    compiled: bool,
 ) -> Tensor:
-    """An eager step of group ``gi`` without host reads: :func:`compiled_step` where the group takes
-    the compiled graph (falling back, as the host-scheduled path does, where compilation fails),
-    else :func:`eager_step`. The host counters advance as if it applied and are corrected when read
-    (:func:`sync_counters`). Returns the device ``||w - v||^2``."""
+    """An eager step of group ``gi`` without host reads. ``compiled``: :func:`graph_step` as one graph
+    the library compiles (``fused=True`` off the CPU kernel): one pass over each tensor, the skip a
+    ``where`` in it, the group's constants compiled in and ``lr`` a 0-d tensor (a changing learning
+    rate does not recompile); where compilation fails (before anything is written) it falls back as
+    the host-scheduled path does. Otherwise :func:`eager_step`. The host counters advance as if the
+    step applied and are corrected when read (:func:`sync_counters`). Returns the device
+    ``||w - v||^2``."""
     group = opt.param_groups[gi]
     if gi not in opt._unsynced and gi in opt._sched:  # after compiled steps: the host counters first
         sync_counters(opt, only=gi)
@@ -334,14 +329,21 @@ def device_update(
     hi, burn = group["step"] + 1, group["burn_in_steps"]
     burn_in = True if hi <= burn else False if hi - pending + 1 > burn else None
     n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-    if use_fused(opt, group, params):
+    ok = finite_tensor(grads)  # (a reduction that must end before the first write, in a graph or not)
+    if compiled:
+        f, lr = acc_dtype(params), group["lr"]
+        static = {k: group[k] for k in STATIC_KEYS}
+        # (groups of other constants get graphs of their own, not recompiles of one up to dynamo's limit)
+        key = F._key("graph", params, vs is None, n, hash(tuple(static.values())))
+        static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=ok.device)
         try:
-            return compiled_step(group, sched, params, grads, ms, vs, n)
+            F._compiled(key, graph_step)(static, sched, params, grads, ms, vs, ok, n)  # type: ignore[operator]
+            return sched["sq"]
         except Exception as exc:
             if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
                 raise
             fused_fallback(opt, exc)  # compilation failed before anything was written
-    return eager_step(group, sched, params, grads, ms, vs, n, burn_in)
+    return eager_step(group, sched, params, grads, ms, vs, ok, n, burn_in)
 
 
 def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:
@@ -349,8 +351,8 @@ def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | No
     read per group), with the skip warnings owed; groups in ``skip`` (or other than ``only``) are
     left for later."""
     for gi, sched in opt._sched.items():
-        if gi in skip or only not in (None, gi):
-            continue
+        if gi in skip or only not in (None, gi) or opt._unsynced.get(gi) == 0:
+            continue  # (0: no device step since host and device last agreed, nothing to read)
         opt._unsynced[gi] = 0  # (host and device counters agree from here)
         group = opt.param_groups[gi]
         before = group["skipped_steps"]

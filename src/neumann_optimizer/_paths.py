@@ -233,19 +233,20 @@ def use_fused(opt: Any, group: dict[str, Any], lw: list[Tensor]) -> bool:
 SYNC_FREE_ON_CPU = False
 
 
-def sync_free(opt: Any, gi: int, lw: list[Tensor]) -> bool:
-    """Group ``gi`` takes a step without host reads, its schedule and finite check on the device:
-    ``nonfinite="skip"``, plain tensors on one accelerator in one dtype, on the multi-tensor path
-    (``_graph_step.eager_step``) or the compiled graph (``_graph_step.compiled_step``). On CPU a
-    host read waits for nothing, so CPU groups keep the host schedule."""
+def sync_free(opt: Any, gi: int, lw: list[Tensor]) -> str | None:
+    """How group ``gi`` takes a step without host reads, its schedule and finite check on the device:
+    ``"compiled"`` (``fused=True``: ``_graph_step.device_update`` compiles ``graph_step``) or
+    ``"eager"`` (the multi-tensor step, ``_graph_step.eager_step``); ``None``: it does not. That
+    needs ``nonfinite="skip"`` and plain tensors on one accelerator in one dtype. On CPU a host read
+    waits for nothing, so CPU groups keep the host schedule."""
     group = opt.param_groups[gi]
     if group["nonfinite"] != "skip" or not opt._is_plain(gi) or len({(t.device, t.dtype) for t in lw}) != 1:
-        return False
+        return None
     if lw[0].device.type == "cpu" and not SYNC_FREE_ON_CPU:
-        return False
+        return None
     if _wants_native(group) and _native_ok(lw):
-        return False
+        return None
     if use_fused(opt, group, lw):  # the compiled graph; a momentum a scheduler writes would recompile it
-        return group["momentum_bounds"] is not None
+        return "compiled" if group["momentum_bounds"] is not None else None
     foreach = group["foreach"]
-    return bool(foreach) or (foreach is None and lw[0].device.type != "cpu")
+    return "eager" if foreach or (foreach is None and lw[0].device.type != "cpu") else None

@@ -344,9 +344,12 @@ class Neumann(EvaluationWeights, Optimizer):
         compiling = torch.compiler.is_compiling()
         entries = [entry for entry in self._gather() if entry[2]]
         # groups whose step reads nothing on the host (the schedule and the finite check on the device)
-        device = set() if compiling else {gi for gi, _, ps, _ in entries if sync_free(self, gi, self._local(gi, ps))}
-        if not compiling and set(self._sched) - device:
-            self._sync_counters(skip=device)  # host-scheduled steps after device ones: the host counters first
+        device: dict[int, str] = {}  # group -> "eager" or "compiled"
+        for gi, _, ps, _ in [] if compiling else entries:
+            if kind := sync_free(self, gi, self._local(gi, ps)):
+                device[gi] = kind
+        if not compiling and set(self._sched) - device.keys():
+            self._sync_counters(skip=device.keys())  # host-scheduled steps after device ones: the host counters first
         applies: dict[int, Tensor] = {}
         checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore" and e[0] not in device]
         if compiling:
@@ -369,7 +372,7 @@ class Neumann(EvaluationWeights, Optimizer):
                 self._graph_step(gi, params, grads, applies.get(gi))
                 continue
             if gi not in skipped:
-                self._step_group(gi, params, grads, applies.get(gi), device=gi in device)
+                self._step_group(gi, params, grads, applies.get(gi), device=device.get(gi))
                 self.param_groups[gi]["consecutive_skipped_steps"] = 0
             if self._unsynced.get(gi, 0) >= SYNC_EVERY:  # the occasional read of a device-scheduled group
                 self._sync_counters(only=gi)
@@ -412,8 +415,10 @@ class Neumann(EvaluationWeights, Optimizer):
             sync_counters(self, skip, only)
 
     def _step_group(
-        self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None, device: bool = False
+        self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None, device: str | None = None
     ) -> None:
+        """One step of group ``gi``, on the host schedule or (``device``: ``sync_free``'s kind) the
+        device one."""
         group = self.param_groups[gi]
         if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
@@ -424,7 +429,7 @@ class Neumann(EvaluationWeights, Optimizer):
         weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean and not device else None
         vs_ = None if lean else vs
         if device:
-            sq: Any = device_update(self, gi, params, grads, ms, vs_)
+            sq: Any = device_update(self, gi, params, grads, ms, vs_, device == "compiled")
             sq = None if lean else sq
         else:
             sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)

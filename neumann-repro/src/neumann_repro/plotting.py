@@ -51,6 +51,14 @@ def batch_axis(ax: Any, batches: list[int]) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def steps_axes(ax: Any, batches: list[int], target: float, title: str) -> None:
+    """Log-log axes of steps to ``target``% validation error against batch size."""
+    ax.set(
+        xscale="log", yscale="log", xlabel="batch size", ylabel=f"steps to {target:g}% validation error", title=title
+    )
+    batch_axis(ax, batches)
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optimizers import BASELINES, LABELS
-from ..plotting import BAND, batch_axis, pyplot, save_figure, style
+from ..plotting import BAND, pyplot, save_figure, steps_axes, style
 from ..runner import Runner, config_key
 from ..runs import CHANCE_ERROR
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -460,14 +460,7 @@ def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
     vals = [v for v in noise.values() if v]
     if vals:
         ax.axvspan(min(vals), max(vals), color=BAND, alpha=0.25, label="B_simple on the way to the target")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="batch size",
-        ylabel=f"steps to {target:g}% validation error",
-        title=f"critical-batch: {meta['task']}, every point tuned",
-    )
-    batch_axis(ax, batches)
+    steps_axes(ax, batches, target, f"critical-batch: {meta['task']}, every point tuned")
     ax.legend(fontsize=7)
     save_figure(fig, out_dir / "critical_batch.png")
     return "\n".join(lines) + "\n", summary

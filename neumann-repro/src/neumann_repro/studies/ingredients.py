@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..plotting import batch_axis, pyplot, save_figure
+from ..plotting import pyplot, save_figure, steps_axes
 from ..runner import Runner
 from ..runs import final
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
@@ -259,14 +259,7 @@ def _plot(meta: dict[str, Any], results: dict[str, dict[int, CellResult]], out_d
         ys = [per_b[b].smallest.first_hit for b in bs]  # type: ignore[union-attr]
         st = styles.get(name, dict(color=f"C{(k + 2) % 10}", marker="osvD^<>xP*"[k % 10], ls=":" if k % 2 else "-."))
         ax.plot([b * (1 + 0.015 * (k - 4)) for b in bs], ys, label=meta["variants"][name], ms=5, **st)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="batch size",
-        ylabel=f"steps to {meta['target']:g}% validation error",
-        title=f"ingredients: {meta['task']}, every point tuned",
-    )
-    batch_axis(ax, meta["batches"])
+    steps_axes(ax, meta["batches"], meta["target"], f"ingredients: {meta['task']}, every point tuned")
     ax.legend(fontsize=7)
     save_figure(fig, out_dir / "ingredients.png")
 
