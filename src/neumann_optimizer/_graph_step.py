@@ -175,11 +175,15 @@ def graph_step(
     vs: list[Tensor] | None,
     apply: Tensor | None,
     n: int,
+    check: bool = False,
 ) -> None:
     """One step of a group in the branch-free form (see the module doc), traced by torch.compile:
     each tensor's expressions fuse into one pass, and ``apply`` masks every write (a ``where``
-    inside that pass). ``vs=None``: the lean step. ``n``: scalars in the group."""
+    inside that pass); ``check``: ``apply`` is the gradients' finite check, reduced in the graph.
+    ``vs=None``: the lean step. ``n``: scalars in the group."""
     f = acc_dtype(params)
+    if check:
+        apply = finite_tensor(grads)
     sq = None
     if vs is not None:
         sq = sum(((w.to(f) - v.to(f)) ** 2).sum() for w, v in zip(params, vs, strict=True))
@@ -329,21 +333,20 @@ def device_update(
     hi, burn = group["step"] + 1, group["burn_in_steps"]
     burn_in = True if hi <= burn else False if hi - pending + 1 > burn else None
     n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-    ok = finite_tensor(grads)  # (a reduction that must end before the first write, in a graph or not)
     if compiled:
         f, lr = acc_dtype(params), group["lr"]
         static = {k: group[k] for k in STATIC_KEYS}
         # (groups of other constants get graphs of their own, not recompiles of one up to dynamo's limit)
         key = F._key("graph", params, vs is None, n, hash(tuple(static.values())))
-        static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=ok.device)
-        try:
-            F._compiled(key, graph_step)(static, sched, params, grads, ms, vs, ok, n)  # type: ignore[operator]
+        static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=params[0].device)
+        try:  # (the finite check in the graph: inductor reduces it faster than the eager kernels do)
+            F._compiled(key, graph_step)(static, sched, params, grads, ms, vs, None, n, True)  # type: ignore[operator]
             return sched["sq"]
         except Exception as exc:
             if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
                 raise
             fused_fallback(opt, exc)  # compilation failed before anything was written
-    return eager_step(group, sched, params, grads, ms, vs, ok, n, burn_in)
+    return eager_step(group, sched, params, grads, ms, vs, finite_tensor(grads), n, burn_in)
 
 
 def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:

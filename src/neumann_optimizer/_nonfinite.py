@@ -58,11 +58,13 @@ def finite_flags(entries: list[Gathered], groups: list[dict[str, Any]], local: A
 
 def finite_tensor(grads: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: no inf or NaN in ``grads`` (one multi-tensor reduction, no host read; for
-    torch.compile and the accelerators' steps). A sum of absolute values is finite iff no element is
-    inf or NaN (barring a float overflow of the sum beyond 3e38)."""
+    torch.compile and the accelerators' steps). A sum (of absolute values, eagerly) is finite iff no
+    element is inf or NaN (barring a float overflow of the sum beyond 3e38)."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()
+    if torch.compiler.is_compiling():  # a sum per tensor, which inductor fuses into few passes
+        return torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()  # eager: one launch, not one per tensor
 
 
 def raise_nonfinite(entry: Gathered, name: Any) -> None:
