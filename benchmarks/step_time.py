@@ -119,7 +119,7 @@ def make_optimizers(
         dev = " [device schedule, as on accelerators]"
         impls["Neumann(foreach=True)" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **neu)
         impls["Neumann lean, foreach=True" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **lean)
-        impls["Neumann(fused=True) [compiled graph," + dev[1:]] = lambda: DeviceSchedule(params, fused=True, **neu)
+        impls["Neumann(fused=True) [compiled graph," + dev[2:]] = lambda: DeviceSchedule(params, fused=True, **neu)
     if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
         impls["Neumann(fused=True) [compiled graph]"] = lambda: CompiledGraph(params, fused=True, **neu)
         impls["Neumann(fused=True, nonfinite='ignore') [compiled graph]"] = lambda: CompiledGraph(

@@ -230,9 +230,12 @@ class Neumann(EvaluationWeights, Optimizer):
         self._carried: dict[int, tuple[tuple, float]] = {}
         # per group index: what the last applied step did (read through step_record())
         self._records: dict[int, tuple[Any, ...] | None] = {}
-        # per group index: its counters as device tensors, once it was stepped under torch.compile
+        # per group index: its counters as device tensors, once a step kept them there (torch.compile,
+        # or an accelerator's step without host reads)
         self._sched: dict[int, dict[str, Tensor]] = {}
-        self._unsynced: dict[int, int] = {}  # per group index: device-scheduled eager steps since its last sync
+        # per group index: eager device-scheduled steps since its host and device counters last agreed
+        # (missing: not known to agree, as after compiled steps)
+        self._unsynced: dict[int, int] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
