@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import math
 import os
 import time
@@ -57,6 +58,11 @@ def log(*args: object) -> None:
 def main() -> None:
     args = parse()
     use_cuda = torch.cuda.is_available()
+    # torch._dynamo (imported by DDP's constructor and torch.compile) keeps a process group that
+    # exists when it is first imported alive past destroy_process_group(); imported before the
+    # group, it holds nothing, and gloo's threads end at destroy_process_group() below, not during
+    # interpreter teardown (where they can abort the process)
+    importlib.import_module("torch._dynamo")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     train(args, use_cuda)
     # Free every object holding the process group (device mesh, DTensors, checkpoint planners)

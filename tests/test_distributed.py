@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from neumann_optimizer import Neumann
@@ -59,65 +59,56 @@ def _step(model, opt, x, y, rank):
     opt.step()
 
 
-def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, engine: str, out_dir: str) -> None:
     if engine.endswith("compiled"):  # the torch.compile'd graph instead of the CPU kernel
         os.environ["NEUMANN_OPTIMIZER_NATIVE"] = "0"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        data = _data()
-        control = _model()
-        copt = Neumann(control.parameters(), **HP)
-        model = _model()
-        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
-        if engine == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-            params = list(wrapped.parameters())
-        else:
-            wrapped = _shard(model, mesh)
-            params = list(model.parameters())
-        fused = engine.endswith(("fused", "compiled"))
-        opt = Neumann(params, fused=fused, **HP)
-        max_dev = 0.0
-        ckpt = None
-        for i, (x, y) in enumerate(data, start=1):
-            _step(control, copt, x, y, None)
-            _step(wrapped, opt, x, y, rank)
-            for p, c in zip(params, control.parameters(), strict=True):
-                max_dev = max(max_dev, float((_full(p.detach()) - c.detach()).abs().max()))
-                max_dev = max(max_dev, float((_full(opt.state[p]["v"]) - copt.state[c]["v"]).abs().max()))
-            if i == CUT and engine.startswith("fsdp2"):
-                ckpt = os.path.join(out_dir, "ckpt")
-                _save(wrapped, opt, ckpt)
-        # evaluation weights, and the bit-exact way back
-        before = [_full(p.detach()).clone() for p in params]
-        opt.eval()
-        copt.eval()
-        eval_dev = max(
-            float((_full(p.detach()) - c.detach()).abs().max())
-            for p, c in zip(params, control.parameters(), strict=True)
-        )
-        opt.train()
-        copt.train()
-        restored = all(torch.equal(_full(p.detach()), b) for p, b in zip(params, before, strict=True))
-        result = dict(
-            max_dev=max_dev,
-            eval_dev=eval_dev,
-            restored=restored,
-            fused_failed=opt._fused_failed,
-            native=bool(opt._carried),
-            resets=opt.param_groups[0]["next_reset"],
-            step=opt.param_groups[0]["step"],
-        )
-        if engine.startswith("fsdp2"):
-            result.update(_resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused))
-        if rank == 0:
-            Path(out_dir, "result.json").write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalization: gloo's worker threads can abort the process while it is torn
-    # down (an upstream race, pytorch/pytorch#179291), after every check above has passed.
-    os._exit(0)
+    data = _data()
+    control = _model()
+    copt = Neumann(control.parameters(), **HP)
+    model = _model()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
+    if engine == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        params = list(wrapped.parameters())
+    else:
+        wrapped = _shard(model, mesh)
+        params = list(model.parameters())
+    fused = engine.endswith(("fused", "compiled"))
+    opt = Neumann(params, fused=fused, **HP)
+    max_dev = 0.0
+    ckpt = None
+    for i, (x, y) in enumerate(data, start=1):
+        _step(control, copt, x, y, None)
+        _step(wrapped, opt, x, y, rank)
+        for p, c in zip(params, control.parameters(), strict=True):
+            max_dev = max(max_dev, float((_full(p.detach()) - c.detach()).abs().max()))
+            max_dev = max(max_dev, float((_full(opt.state[p]["v"]) - copt.state[c]["v"]).abs().max()))
+        if i == CUT and engine.startswith("fsdp2"):
+            ckpt = os.path.join(out_dir, "ckpt")
+            _save(wrapped, opt, ckpt)
+    # evaluation weights, and the bit-exact way back
+    before = [_full(p.detach()).clone() for p in params]
+    opt.eval()
+    copt.eval()
+    eval_dev = max(
+        float((_full(p.detach()) - c.detach()).abs().max()) for p, c in zip(params, control.parameters(), strict=True)
+    )
+    opt.train()
+    copt.train()
+    restored = all(torch.equal(_full(p.detach()), b) for p, b in zip(params, before, strict=True))
+    result = dict(
+        max_dev=max_dev,
+        eval_dev=eval_dev,
+        restored=restored,
+        fused_failed=opt._fused_failed,
+        native=bool(opt._carried),
+        resets=opt.param_groups[0]["next_reset"],
+        step=opt.param_groups[0]["step"],
+    )
+    if engine.startswith("fsdp2"):
+        result.update(_resume_and_nonfinite(rank, mesh, data, ckpt, params, opt, fused))
+    if rank == 0:
+        Path(out_dir, "result.json").write_text(json.dumps(result))
 
 
 def _save(model, opt, path):
@@ -180,8 +171,8 @@ def test_matches_single_process_full_batch(engine, capsys):
     if engine.startswith("fsdp2") and _TORCH < (2, 8):
         pytest.skip("FSDP2 on CPU fails inside torch before 2.8 (seen on 2.6: CPU streams lack record_event)")
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(engine, init_file, tmp), nprocs=WORLD, join=True)
+        # each rank's stderr kept; the DDP ranks end with no gloo thread alive (FSDP2's: see spawn_ranks)
+        spawn_ranks(_worker, WORLD, tmp, engine, tmp, pinned=engine.startswith("fsdp2"))
         result = json.loads(Path(tmp, "result.json").read_text())
     with capsys.disabled():
         print(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from neumann_optimizer.diagnostics import NoiseScaleAccumulator, gradient_noise_scale, register_ddp_noise_scale_hook
@@ -121,26 +121,21 @@ def _batches(world: int):
     ]
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = nn.parallel.DistributedDataParallel(_model(), bucket_cap_mb=0.0001)  # several buckets
-        state = register_ddp_noise_scale_hook(model, local_batch=LOCAL)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for x, y in _batches(world):
-            opt.zero_grad()
-            sl = slice(rank * LOCAL, (rank + 1) * LOCAL)
-            nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
-            opt.step()
-        est = state.value()
-        grads = [p.grad.clone() for p in model.parameters()]
-        if rank == 0:
-            Path(out).write_text(
-                json.dumps(dict(est=list(est), steps=state.steps, grad=[g.flatten().tolist() for g in grads]))
-            )
-        dist.barrier()  # no rank tears gloo down while another still talks
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, out: str) -> None:
+    model = nn.parallel.DistributedDataParallel(_model(), bucket_cap_mb=0.0001)  # several buckets
+    state = register_ddp_noise_scale_hook(model, local_batch=LOCAL)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in _batches(world):
+        opt.zero_grad()
+        sl = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+        opt.step()
+    est = state.value()
+    grads = [p.grad.clone() for p in model.parameters()]
+    if rank == 0:
+        Path(out).write_text(
+            json.dumps(dict(est=list(est), steps=state.steps, grad=[g.flatten().tolist() for g in grads]))
+        )
 
 
 def _control(world: int):
@@ -169,7 +164,7 @@ def _control(world: int):
 def test_ddp_hook_matches_the_single_process_estimator(world):
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "out.json")
-        mp.spawn(_ddp_worker, args=(world, str(Path(d) / "init"), out), nprocs=world, join=True)
+        spawn_ranks(_ddp_worker, world, d, out)  # (each rank's stderr kept; no gloo thread outlives it)
         res = json.loads(Path(out).read_text())
     expected, grads = _control(world)
     assert res["steps"] == STEPS

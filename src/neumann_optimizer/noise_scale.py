@@ -194,6 +194,14 @@ def register_ddp_noise_scale_hook(ddp_model: Any, local_batch: int, process_grou
     average the loss over them (divide each micro-batch's loss by their number). A DDP model takes
     one comm hook: this one replaces the default all-reduce (compression hooks cannot be combined
     with it).
+
+    Teardown: the hook's callbacks are Python objects held by gloo's work items, so the process
+    group must be destroyed while the interpreter is alive (``dist.destroy_process_group()`` at the
+    end of the script). On torch 2.13, importing ``torch._dynamo`` after the group exists (DDP's
+    constructor does) keeps the group alive past ``destroy_process_group()``, and gloo's threads
+    then meet interpreter teardown, which can abort the process (SIGABRT, "terminate called without
+    an active exception"). Import it before ``init_process_group``
+    (``importlib.import_module("torch._dynamo")``), as ``examples/train_large_batch.py`` does.
     """
     state = DDPNoiseScaleState(local_batch, process_group)
     ddp_model.register_comm_hook(state, _noise_scale_hook)
