@@ -352,3 +352,30 @@ def test_device_compiled_path_compiles_one_graph_per_group_for_the_whole_schedul
     for ga, gb in zip(pa.params, pb.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["for-loop", "foreach", "compiled", "device", "device-compiled"])
+def test_low_precision_gradients_whose_norm_overflows_still_step(path, dtype, monkeypatch):
+    """Every entry finite, but the gradient's L1 norm (3e5, and 1.2e6 for the wider tensor) is far past
+    float16's 65,504: the finite check must not read that as inf and skip every step."""
+    fused = _select(monkeypatch, path) if path not in ("for-loop", "foreach") else False
+    foreach = {"for-loop": False, "foreach": True, "device": True}.get(path)
+    ps = [torch.zeros(300_000, dtype=dtype, requires_grad=True), torch.zeros(1_000, 1_200, dtype=dtype)]
+    ps[1].requires_grad_(True)
+    opt = Neumann(ps, fused=None if fused in (False, "device") else fused, foreach=foreach, **HP)
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    group = opt.state_dict()["param_groups"][0]  # (reads the device counters where a step kept them there)
+    assert (group["step"], group["skipped_steps"]) == (4, 0)
+    # the same four steps in float64 (the for-loop path; its finite check cannot overflow there)
+    ref_ps = [torch.zeros(p.shape, dtype=torch.float64, requires_grad=True) for p in ps]
+    ref = Neumann(ref_ps, foreach=False, **HP)
+    for _ in range(4):
+        for p in ref_ps:
+            p.grad = torch.ones_like(p)
+        ref.step()
+    for p, r in zip(ps, ref_ps, strict=True):
+        assert float(p.reshape(-1)[0]) == pytest.approx(float(r.reshape(-1)[0]), rel=2e-2)
