@@ -10,7 +10,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from neumann_optimizer import Neumann  # noqa: E402
+from neumann_optimizer import Neumann, ScheduleWarning  # noqa: E402
 from neumann_optimizer.integrations.lightning import EvaluationWeights  # noqa: E402
 
 N, D = 64, 6
@@ -273,3 +273,9 @@ def test_manual_optimization_with_two_optimizers_switches_only_neumann(tmp_path)
     # the SGD layer is what SGD left: no state of ours, untouched by the switches
     assert "train_param" not in sgd.state[model.net[2].weight]
     assert torch.equal(model.seen[-1]["last"], model.net[2].weight)
+
+
+def test_a_run_too_short_for_the_burn_in_is_warned(tmp_path):
+    # 64 examples / batch 16 = 4 steps an epoch; max_steps 6: the 2-step burn-in is a third of the run
+    with pytest.warns(ScheduleWarning, match=r"burn-in is 2 steps .* this run's 6 steps"):
+        _trainer(tmp_path, [EvaluationWeights()], max_steps=6, val=False).fit(Net(), _loader())

@@ -103,7 +103,7 @@ def test_group_without_lr_or_step_counts_is_named():
     p = make_params()
     with pytest.raises(ValueError, match="param group 1 has no lr"):
         Neumann([{"params": p[:2], "lr": 0.1}, {"params": p[2:]}], **SHORT)
-    with pytest.raises(ValueError, match=r"burn_in_steps is not given .*\(param group 1\)"):
+    with pytest.raises(ValueError, match=r"burn_in_steps \(5 epochs\).* not given .*\(param group 1\)"):
         Neumann([{"params": p[:2], **SHORT}, {"params": p[2:]}], lr=0.1)
     # a top-level steps_per_epoch serves every group; a group's own overrides it
     opt = Neumann([{"params": p[:2]}, {"params": p[2:], "steps_per_epoch": 3}], lr=0.1, steps_per_epoch=7)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from neumann_optimizer import Neumann, eval_state_dict
+from neumann_optimizer import Neumann, ScheduleWarning, eval_state_dict
 
 KW = dict(burn_in_steps=3, reset_steps=4, momentum_ramp_steps=2, cubic_weight=1e-3, repulsive_weight=1e-4)
 
@@ -38,6 +38,24 @@ def test_needs_steps_per_epoch_or_step_counts():
         Neumann(tiny_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="reset_steps"):
         Neumann(tiny_model().parameters(), lr=0.1, burn_in_steps=1, momentum_ramp_steps=1)
+
+
+def test_a_burn_in_over_a_quarter_of_the_run_is_warned_once():
+    with pytest.warns(ScheduleWarning, match=r"burn-in is 35 steps .* 35% of this run's 100 steps.*burn_in_steps=5"):
+        opt = Neumann(tiny_model().parameters(), lr=0.1, steps_per_epoch=7, total_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleWarning)
+        opt.set_total_steps(100)  # the same length again (a second callback): told once
+        Neumann(tiny_model().parameters(), lr=0.1, steps_per_epoch=7, total_steps=140)  # 25%: no warning
+    with pytest.raises(ValueError, match="total_steps"):
+        Neumann(tiny_model().parameters(), lr=0.1, steps_per_epoch=7, total_steps=0)
+
+
+def test_every_missing_step_count_is_named_in_one_error():
+    with pytest.raises(ValueError) as err:
+        Neumann(tiny_model().parameters(), lr=0.1, burn_in_steps=50)
+    assert "reset_steps (10 epochs)" in str(err.value) and "momentum_ramp_steps (1 epoch)" in str(err.value)
+    assert "burn_in_steps" not in str(err.value)
 
 
 def test_epoch_defaults():
@@ -250,6 +268,19 @@ def test_state_dict_of_another_model_is_refused():
     smaller = Neumann(nn.Linear(5, 3).parameters(), lr=0.1, **KW)
     with pytest.raises(ValueError, match="another model"):
         smaller.load_state_dict(opt.state_dict())
+
+
+def test_state_dict_of_another_model_is_refused_before_any_step():
+    saved = Neumann(tiny_model().parameters(), lr=0.1, **KW).state_dict()  # no step: no per-parameter state
+    other = Neumann(nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).parameters(), lr=0.1, **KW)
+    with pytest.raises(ValueError, match=r"parameter #0 of param group 0 .* had shape .*another model"):
+        other.load_state_dict(saved)
+    same = Neumann(tiny_model().parameters(), lr=0.1, **KW)
+    same.load_state_dict(saved)  # the same model loads, and the shapes stay out of param_groups
+    assert "param_shapes" not in same.param_groups[0] and "param_shapes" in saved["param_groups"][0]
+    old = copy.deepcopy(saved)  # a state dict of an older version (no shapes) still loads
+    del old["param_groups"][0]["param_shapes"]
+    Neumann(tiny_model().parameters(), lr=0.1, **KW).load_state_dict(old)
 
 
 def test_state_dict_of_another_optimizer_is_refused():

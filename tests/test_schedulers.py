@@ -11,7 +11,7 @@ import torch
 from conftest import flat
 from reference import RefGroup
 
-from neumann_optimizer import Neumann
+from neumann_optimizer import Neumann, ScheduleWarning
 
 KW = dict(burn_in_steps=3, reset_steps=5, reset_growth=2.0, momentum_ramp_steps=2.0, repulsive_weight=1e-5)
 
@@ -172,3 +172,28 @@ def test_state_dict_from_before_these_options_loads():
     fresh.eval()
     fresh.train()
     assert torch.equal(p, w)
+
+
+@pytest.mark.parametrize("name", ["one-cycle", "cyclic"])
+def test_a_scheduler_that_takes_over_the_momentum_in_the_burn_in_is_told(problem_factory, name):
+    problem = problem_factory([[(3, 4)]], seed=1)
+    opt = Neumann(problem.params[0], lr=0.05, **KW)
+    _schedulers()[name](opt)  # cycle_momentum=True (the default) writes group["momentum"] at once
+    problem.set_grads()
+    with pytest.warns(ScheduleWarning, match=r"during the burn-in .*cycle_momentum=False"):
+        opt.step()
+
+
+def test_cycle_momentum_false_and_a_write_after_the_ramp_are_not_warned(problem_factory, recwarn):
+    problem = problem_factory([[(3, 4)]], seed=1)
+    opt = Neumann(problem.params[0], lr=0.05, **KW)  # burn-in 3, ramp tau 2: mu reaches 0.9 at s = 3 + 18
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40, cycle_momentum=False)
+    for _ in range(22):
+        problem.set_grads()
+        opt.step()
+        sched.step()
+    opt.param_groups[0]["momentum"] = 0.8  # a write past the ramp: the user's own choice, no warning
+    problem.set_grads()
+    opt.step()
+    assert not [w for w in recwarn if issubclass(w.category, ScheduleWarning)]
+    assert opt.param_groups[0]["last_momentum"] == 0.8

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from neumann_optimizer import Neumann  # noqa: E402
+from neumann_optimizer import Neumann, ScheduleWarning  # noqa: E402
 from neumann_optimizer.integrations.transformers import EvaluationWeightsCallback  # noqa: E402
 
 N, D = 96, 6
@@ -153,3 +153,9 @@ def test_load_best_model_at_end_keeps_the_best_checkpoint_weights(tmp_path):
     trainer.evaluate()
     for name, p in model.named_parameters():
         assert torch.equal(p, best[name]), name
+
+
+def test_a_run_too_short_for_the_burn_in_is_warned(tmp_path):
+    trainer, _ = _trainer(tmp_path, Tiny(), callbacks=[EvaluationWeightsCallback()], max_steps=8)
+    with pytest.warns(ScheduleWarning, match=r"burn-in is 3 steps .* this run's 8 steps"):
+        trainer.train()

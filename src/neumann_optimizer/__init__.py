@@ -4,9 +4,9 @@ from importlib import metadata as _metadata
 
 import torch
 
-from .optimizer import Neumann
+from .optimizer import Neumann, ScheduleWarning
 
-__all__ = ["Neumann", "__version__", "eval_state_dict"]
+__all__ = ["Neumann", "ScheduleWarning", "__version__", "eval_state_dict"]
 
 try:  # the installed distribution's version (pyproject.toml), never a second copy of it
     __version__ = _metadata.version("neumann-optimizer")

@@ -28,6 +28,41 @@ def saved_averages(opt: Any, state_dict: dict[str, Any]) -> list[tuple[Tensor, T
     return out
 
 
+# each saved param group carries its parameters' shapes, so a state dict taken before any step (no
+# per-parameter state yet) is still checked against the model it is loaded into
+SHAPES_KEY = "param_shapes"
+
+
+def with_shapes(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """``state_dict`` with each group's parameter shapes under ``SHAPES_KEY``."""
+    for saved, group in zip(state_dict["param_groups"], groups, strict=True):
+        saved[SHAPES_KEY] = [list(p.shape) for p in group["params"]]
+    return state_dict
+
+
+def without_shapes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``state_dict`` whose groups lack ``SHAPES_KEY`` (so it does not land in
+    ``param_groups``); the caller's dict is left as it is."""
+    groups = [{k: v for k, v in g.items() if k != SHAPES_KEY} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
+
+
+def _check_shapes(opt: Any, gi: int, saved: Any, params: list[Tensor]) -> None:
+    if saved is None:  # (state dicts of older versions)
+        return
+    here = [list(p.shape) for p in params]
+    if [list(s) for s in saved] == here:
+        return
+    if sorted(map(list, saved)) == sorted(here):  # (a checkpointer that reordered the group's parameters)
+        return
+    for pi, (a, b) in enumerate(zip(saved, here, strict=True)):
+        if list(a) != b:
+            raise ValueError(
+                f"Neumann.load_state_dict: {opt._param_name(gi, pi)} had shape {tuple(a)} when the state "
+                "dict was saved: a state dict of another model?"
+            )
+
+
 def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
     """Refuse (``ValueError``, naming the mismatch) a state dict that is not a Neumann state of
     the same parameters: wrong group count, parameter count or shapes, missing counters or buffers."""
@@ -50,6 +85,7 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
                 f"Neumann.load_state_dict: param group {gi} has {len(saved['params'])} parameters "
                 f"in the state dict and {len(group['params'])} here: a state dict of another model?"
             )
+        _check_shapes(opt, gi, saved.get(SHAPES_KEY), group["params"])
         for pi, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
             pstate = state_dict["state"].get(key)
             if not pstate:

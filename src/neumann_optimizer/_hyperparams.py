@@ -51,6 +51,7 @@ def resolve_group(group: dict[str, Any], gi: int, defaults: dict[str, Any], expl
     if own_spe is not None:
         check_int(f"steps_per_epoch (param group {gi})", own_spe, 1)
     spe = own_spe if own_spe is not None else defaults.get("steps_per_epoch")
+    missing = []
     for name, epochs in EPOCH_DEFAULTS.items():
         if group.get(name) is not None:
             continue
@@ -59,13 +60,14 @@ def resolve_group(group: dict[str, Any], gi: int, defaults: dict[str, Any], expl
         elif spe is not None:
             group[name] = epochs * spe
         else:
-            where = f" (param group {gi})" if gi else ""
-            raise ValueError(
-                f"Neumann: {name} is not given and neither is steps_per_epoch{where}; pass "
-                f"steps_per_epoch=len(train_loader) to use the paper's default "
-                f"({epochs} epoch{'s' if epochs != 1 else ''}), or give {name} in steps, to Neumann() "
-                "or to the group"
-            )
+            missing.append(f"{name} ({epochs} epoch{'s' if epochs != 1 else ''})")
+    if missing:  # all of them in one message, not one error at a time
+        where = f" (param group {gi})" if gi else ""
+        raise ValueError(
+            f"Neumann: {', '.join(missing)} not given and neither is steps_per_epoch{where}; pass "
+            "steps_per_epoch=len(train_loader) to use the paper's defaults (the epochs in brackets), "
+            "or give each of them in steps, to Neumann() or to the group"
+        )
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

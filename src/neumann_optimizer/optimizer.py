@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._checkpoint import check_state_dict, saved_averages, v_dtype
+from ._advice import ScheduleWarning, check_run_length, warn_scheduler_momentum
+from ._checkpoint import check_state_dict, saved_averages, v_dtype, with_shapes, without_shapes
 from ._distributed import is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
 from ._graph_step import SYNC_EVERY, device_update, graph_step, refresh, schedule_of, sync_counters
@@ -55,6 +56,7 @@ __all__ = [
     "FUSED_DEFAULT_MIN_NUMEL",
     "DivergedWarning",
     "Neumann",
+    "ScheduleWarning",
     "regularizer_scale",
     "regularizer_weights",
 ]
@@ -164,6 +166,8 @@ class Neumann(EvaluationWeights, Optimizer):
             either, the compiled graph for CPU groups of at least 2^20 scalars; else ``foreach``'s
             choice.
             ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the CPU kernel off.
+        total_steps: the run's length in steps, if known: warns (:class:`ScheduleWarning`) when the
+            burn-in is more than a quarter of it (a short run would be mostly plain SGD).
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class Neumann(EvaluationWeights, Optimizer):
         evaluation: str = "exact",
         foreach: bool | None = None,
         fused: bool | None = None,
+        total_steps: int | None = None,
     ) -> None:
         if isinstance(params, torch.nn.Module):
             raise TypeError(
@@ -237,6 +242,17 @@ class Neumann(EvaluationWeights, Optimizer):
         # (missing: not known to agree, as after compiled steps)
         self._unsynced: dict[int, int] = {}
         super().__init__(params, defaults)
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Say how many steps the run will take (the ``total_steps`` argument; the Lightning and HF
+        callbacks call it with the trainer's count): a :class:`ScheduleWarning` says so when a group's
+        burn-in is more than a quarter of them. Nothing else uses it."""
+        check_int("total_steps", total_steps, 1)
+        if self.__dict__.get("_total_steps") != total_steps:  # (once per length: callbacks may repeat it)
+            self._total_steps = total_steps
+            check_run_length(self.param_groups, total_steps)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -424,6 +440,7 @@ class Neumann(EvaluationWeights, Optimizer):
         device one."""
         group = self.param_groups[gi]
         if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
+            warn_scheduler_momentum(group, gi, len(self.param_groups))
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
         plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
         lean = is_lean(group)
@@ -488,6 +505,7 @@ class Neumann(EvaluationWeights, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking that it is a Neumann state of the same model."""
         check_state_dict(self, state_dict)
+        state_dict = without_shapes(state_dict)
         saved_v = saved_averages(self, state_dict)
         super().load_state_dict(state_dict)  # (torch casts every state tensor to its parameter's dtype ...)
         for p, v in saved_v:  # ... v of a low-precision parameter stays float32, as saved
@@ -499,4 +517,4 @@ class Neumann(EvaluationWeights, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict, with the counters of compiled steps brought to the host."""
         self._sync_counters()
-        return super().state_dict()
+        return with_shapes(super().state_dict(), self.param_groups)

@@ -39,6 +39,15 @@ def neumann_optimizers(optimizers: Any) -> list[Neumann]:
     return [n for n in map(unwrap_neumann, optimizers or []) if n is not None]
 
 
+def expect_run_length(trainer: pl.Trainer, opts: list[Neumann]) -> None:
+    """Tell each optimizer the run's length in optimizer steps (``max_epochs``/``max_steps``, gradient
+    accumulation included), so that a burn-in too long for it is warned about."""
+    total = trainer.estimated_stepping_batches
+    if isinstance(total, (int, float)) and 0 < total < float("inf"):
+        for opt in opts:
+            opt.set_total_steps(int(total))
+
+
 def _batchnorm_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().clone()
@@ -94,8 +103,10 @@ class EvaluationWeights(pl.Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a checkpoint saved in eval mode restores the optimizer in eval mode: back to w
-        for opt in neumann_optimizers(trainer.optimizers):
+        opts = neumann_optimizers(trainer.optimizers)
+        for opt in opts:
             opt.train()
+        expect_run_length(trainer, opts)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter(trainer, pl_module)
@@ -143,6 +154,7 @@ class NeumannMonitor(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
         opts = neumann_optimizers(trainer.optimizers)
+        expect_run_length(trainer, opts)
         prefixes = ["neumann"] if len(opts) == 1 else [f"neumann{i}" for i in range(len(opts))]
         self._logs = [StepLog(opt, self.every_n_steps, prefix=pre) for opt, pre in zip(opts, prefixes, strict=True)]
 

@@ -31,8 +31,21 @@ from . import unwrap_neumann
 __all__ = ["EvaluationWeightsCallback", "NeumannLogCallback"]
 
 
+def expect_run_length(state: TrainerState, opt: Any) -> None:
+    """Tell the optimizer the run's length in optimizer steps (``num_train_epochs``/``max_steps``, as
+    the ``Trainer`` resolved them), so that a burn-in too long for it is warned about."""
+    if opt is not None and state.max_steps and state.max_steps > 0:
+        opt.set_total_steps(int(state.max_steps))
+
+
 class EvaluationWeightsCallback(TrainerCallback):
-    """Leave the model at the evaluation weights when ``Trainer.train()`` ends (see the module doc)."""
+    """Leave the model at the evaluation weights when ``Trainer.train()`` ends (see the module doc);
+    at the start, warn when the burn-in is more than a quarter of the run (``state.max_steps``)."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
+    ) -> None:
+        expect_run_length(state, unwrap_neumann(optimizer))
 
     def on_train_end(
         self,
@@ -76,6 +89,7 @@ class NeumannLogCallback(TrainerCallback):
     ) -> None:
         self.on_train_end(args, state, control)
         opt = unwrap_neumann(optimizer)
+        expect_run_length(state, opt)
         if opt is not None:
             self._log = StepLog(opt, self.every_n_steps)
 
