@@ -147,3 +147,37 @@ def test_variant_configs_reach_the_optimizer():
     ):
         opt = make_optimizer(dict(optimizer="neumann", lr=0.1, repulsive_weight=0.0, **cfg), model, 10)
         assert check(opt.param_groups[0]), cfg
+
+
+def test_one_batch_size_is_drawn_as_bars_and_one_seed_gives_no_verdict(tmp_path):
+    mp = pytest.MonkeyPatch()
+    one = {**ing.CB_FULL, "target": 10.0, "batches": [256], "fixed": {**ing.FIXED, "epochs": 6}, "seeds": (1,)}
+    mp.setattr(ing, "settings", lambda s: one)
+    try:
+        ing.ingredients(Synthetic(tmp_path), Settings(quick=False, epochs=1))
+    finally:
+        mp.undo()
+    payload = json.loads((tmp_path / "ingredients" / "results.json").read_text())
+    assert payload["meta"]["batches"] == [256]
+    verdict = ing.verdict(payload["summary"])
+    assert "no verdict (fewer than 2 reporting seeds a side)" in verdict and "cannot tell" not in verdict
+    drawn = []
+    mp.setattr(ing, "save_figure", lambda fig, path: drawn.append(fig))
+    try:
+        ing._plot(
+            payload["meta"],
+            ing.cell_results(
+                ing.cells_of(payload["runs"]),
+                list(payload["meta"]["variants"]),
+                [256],
+                10.0,
+                (1,),
+                payload["meta"]["metrics"],
+            ),
+            tmp_path,
+        )
+    finally:
+        mp.undo()
+    ax = drawn[0].axes[0]
+    assert len(ax.patches) == len(payload["meta"]["variants"])  # one bar per variant
+    assert "fewer is better" in ax.get_xlabel() and ax.get_xscale() == "linear"

@@ -44,7 +44,10 @@ def test_compare_quick_writes_table_results_and_plot(tmp_path, capsys):
     assert all(3 <= len(lrs) <= 6 for lrs in per_opt.values())
     assert all(len(r["history"]) == 2 for r in res["runs"] if not r["diverged"])
     assert (study / "test_error.png").stat().st_size > 1000
-    assert "compare" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compare" in out
+    # one seed, the tuning one: the verdict says there is none, and why
+    assert "**no verdict** (1 seed a side, all of them tuning)" in out and "cannot tell" not in out
     assert not (tmp_path / "docs").exists()  # quick runs never write the committed results
 
 

@@ -84,7 +84,7 @@ def judge(ours: Sequence[float], theirs: Sequence[float], lower_is_better: bool 
 def said_p(p: float | None, seeds: str) -> str:
     """How a verdict cites its test: "Welch p = 0.03, 3 vs 3 seeds"."""
     if p is None:
-        return f"fewer than 2 reporting seeds a side: {seeds}"
+        return f"no test: {seeds}; a verdict needs at least 2 reporting seeds a side"
     return f"Welch p = {p:.2g}, {seeds}"
 
 

@@ -206,6 +206,8 @@ def render_ingredients(payload: Payload, out_dir: Path) -> Rendered:
                 continue
             word, p = compare(_log2(mine), _log2(ref))
             said = {"better": "saves steps", "worse": "costs steps", "cannot tell": "cannot tell"}[word]
+            if p is None:  # (fewer than 2 reporting seeds a side: a quick run)
+                said = "no verdict"
             ratio = 2 ** (statistics.fmean(_log2(mine)) - statistics.fmean(_log2(ref)))
             row.append(f"x{ratio:.2f}: {said} ({said_p(p, f'{len(mine)} vs {len(ref)} seeds')})")
             summary["verdicts"].setdefault(name, {})[str(b)] = dict(ratio=ratio, verdict=said)
@@ -248,6 +250,9 @@ def _fixed_rows(meta: dict[str, Any], cells: dict[str, list[dict[str, Any]]], su
 
 
 def _plot(meta: dict[str, Any], results: dict[str, dict[int, CellResult]], out_dir: Path) -> None:
+    if len(meta["batches"]) == 1:  # one batch size (a quick run): bars per variant, not a batch axis
+        _bars(meta, results, out_dir)
+        return
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6))
     styles: dict[str, dict[str, Any]] = {
@@ -264,6 +269,30 @@ def _plot(meta: dict[str, Any], results: dict[str, dict[int, CellResult]], out_d
     save_figure(fig, out_dir / "ingredients.png")
 
 
+def _bars(meta: dict[str, Any], results: dict[str, dict[int, CellResult]], out_dir: Path) -> None:
+    """One bar per variant: its steps to the target at the one batch size (none where it missed)."""
+    plt = pyplot()
+    b = meta["batches"][0]
+    names = list(results)
+    steps = []
+    for name in names:
+        r = results[name].get(b)
+        hit = r.smallest.first_hit if r is not None and r.smallest is not None else None
+        steps.append(hit)
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ys = range(len(names))
+    ax.barh(list(ys), [s or 0 for s in steps], color=["tab:blue" if n == "default" else "tab:gray" for n in names])
+    for y, s in zip(ys, steps, strict=True):
+        ax.text(s or 0, y, f" {s:,}" if s else " not reached", va="center", fontsize=8)
+    ax.set_yticks(list(ys), [meta["variants"][n] for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(
+        xlabel=f"steps to {meta['target']:g}% validation error (fewer is better)",
+        title=f"ingredients: {meta['task']}, batch {b}, every bar tuned",
+    )
+    save_figure(fig, out_dir / "ingredients.png")
+
+
 def verdict(summ: dict[str, Any]) -> str:
     """Per ingredient, the batches where removing it saves or costs steps (rule: ``verdicts``)."""
     v = summ.get("verdicts")
@@ -276,6 +305,9 @@ def verdict(summ: dict[str, Any]) -> str:
         said = [f"saves steps at batch {', '.join(saves)}"] if saves else []
         said += [f"costs steps at batch {', '.join(costs)}"] if costs else []
         label = summ.get("labels", {}).get(name, name)
+        if all(r["verdict"] == "no verdict" for r in per_b.values()):
+            parts.append(f"{label}: no verdict (fewer than 2 reporting seeds a side)")
+            continue
         parts.append(f"{label}: {'; '.join(said) if said else 'cannot tell at any batch'}")
     return "steps to the target against the default (Welch's t-test at 5% on log steps): " + " | ".join(parts)
 
