@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .rates import SECTION, rate_table
 from .registry import studies
 from .study import Settings, render_payload
 
@@ -105,6 +106,9 @@ def write_report(
         lines += [table.split("\n", 1)[1].strip().replace("## ", "### "), ""]
         lines += [f"![{study}]({img.name}/{study}-{png.name})\n" for png in pngs]
         lines += [f"**Verdict (rule-based):** {entry.verdict(summary)}", ""]
+    loaded = [p for p in (_load(study, source_dir, source) for study in studies()) if p is not None]
+    if loaded:
+        lines += [SECTION, rate_table(loaded), ""]
     notes = notes if notes is not None else source_dir.parent / "reproduction_notes.md"
     if notes.exists() and source == "results":  # the hand-written discussion of the committed numbers
         lines += [notes.read_text().strip(), ""]
