@@ -14,7 +14,6 @@ from conftest import ElementwiseProblem
 from neumann_optimizer import Neumann
 from neumann_optimizer import _paths as paths_module
 from neumann_optimizer import functional as F
-from neumann_optimizer import optimizer as optimizer_module
 
 HP = dict(lr=0.1, burn_in_steps=3, reset_steps=4, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
 LEAN = dict(HP, cubic_weight=0.0, repulsive_weight=0.0)
@@ -171,25 +170,24 @@ class _Called(Exception):
     pass
 
 
-@pytest.mark.parametrize(("kwargs", "compiled"), [({}, True), ({"foreach": True}, False), ({"foreach": False}, False)])
-def test_explicit_foreach_is_honoured_on_large_cpu_groups(kwargs, compiled, monkeypatch):
-    """Where the CPU kernel does not apply, ``fused=None`` picks the compiled graph for CPU groups of
-    2^20 scalars or more, unless ``foreach`` was given: an explicit choice wins, as in torch.optim."""
+@pytest.mark.parametrize(("kwargs", "foreach"), [({}, True), ({"foreach": True}, True), ({"foreach": False}, False)])
+def test_no_compilation_unless_asked_for_and_explicit_foreach_is_honoured(kwargs, foreach, monkeypatch):
+    """Where the CPU kernel does not apply, ``fused=None`` never compiles on the user's behalf (as
+    torch.optim never does): the multi-tensor step, or the for-loop where ``foreach=False`` says so."""
+    seen = []
 
-    def record(*args, **kw):
+    def compiled(*args, **kw):
         raise _Called
 
+    real = F.neumann_update
     monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
-    monkeypatch.setattr(F, "fused_neumann_update", record)
-    p = torch.nn.Parameter(torch.zeros(optimizer_module.FUSED_DEFAULT_MIN_NUMEL))
+    monkeypatch.setattr(F, "fused_neumann_update", compiled)
+    monkeypatch.setattr(F, "neumann_update", lambda *a, **kw: seen.append(kw["foreach"]) or real(*a, **kw))
+    p = torch.nn.Parameter(torch.zeros(2**20))
     opt = Neumann([p], **HP, **kwargs)
     p.grad = torch.ones_like(p)
-    if compiled:
-        with pytest.raises(_Called):
-            opt.step()
-    else:
-        opt.step()
-        assert opt.param_groups[0]["step"] == 1
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1 and seen == [foreach]
 
 
 # ---------------------------------------------------------------------------------- the lean step

@@ -16,7 +16,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* built without OpenMP (a compiler that rejects -fopenmp): one thread, the pragmas ignored */
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define BLOCK 1024
 #define ALIGN 16 /* a thread's range starts on a multiple of 16 elements (one 64-byte line) */

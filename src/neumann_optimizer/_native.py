@@ -22,6 +22,7 @@ and torch share one thread pool; it uses ``torch.get_num_threads()`` threads.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -32,10 +33,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # (Windows, where the kernel is not built)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DTYPES",
@@ -53,12 +60,16 @@ __all__ = [
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 PHASE_CODES = {"burn_in": 0, "reset": 1, "neumann": 2}
 _SOURCE = Path(__file__).with_name("_native.c")
-_COMMON = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# tried in order; 512-bit vectors measured 4-7% faster than 256-bit where the CPU has them
+_SERIAL = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
+_COMMON = [*_SERIAL, "-fopenmp"]
+# tried in order; 512-bit vectors measured 4-7% faster than 256-bit where the CPU has them; a
+# compiler without OpenMP (Apple clang rejects -fopenmp) gets a serial kernel rather than none
 _FLAG_SETS = (
     [*_COMMON, "-march=native", "-mprefer-vector-width=512"],
     [*_COMMON, "-march=native"],
     _COMMON,
+    [*_SERIAL, "-march=native"],
+    _SERIAL,
 )
 
 _lock = threading.Lock()
@@ -68,12 +79,20 @@ _tried = False
 _reason = ""
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> Path | None:
+    """``$NEUMANN_OPTIMIZER_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, ``/neumann_optimizer``;
+    ``None`` where there is no home directory (a container without ``HOME``): then the temporary
+    directory's private folder serves."""
     root = os.environ.get("NEUMANN_OPTIMIZER_CACHE")
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "neumann_optimizer"
+    if xdg:
+        return Path(xdg) / "neumann_optimizer"
+    try:
+        return Path.home() / ".cache" / "neumann_optimizer"
+    except (RuntimeError, KeyError):  # no HOME and no password entry
+        return None
 
 
 def _compiler() -> str | None:
@@ -125,6 +144,8 @@ def _private_cache_dir() -> Path | None:
     user (:func:`_is_private_dir`); ``None`` if neither is: then nothing is cached or loaded from
     there. A directory someone else created or can write could hold a planted library."""
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"neumann_optimizer-{_uid()}"):
+        if d is None:
+            continue
         try:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
@@ -145,38 +166,65 @@ def _compile(cc: str, flags: list[str], out: Path) -> str:
     return ""
 
 
+def _key(*parts: bytes) -> str:
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path | None) -> Iterator[None]:
+    """Held while a process builds into ``cache``: processes that start together (torchrun's ranks)
+    compile once; the others wait, then find the library (or the failure) the first one left."""
+    if cache is None or fcntl is None:
+        yield
+        return
+    with open(cache / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build(cc: str, source: bytes) -> Path:
     """The compiled kernel: from the private cache if a trusted copy is there, else compiled into it,
     else (no private cache, or an untrusted file where the cached one would be) compiled into a
-    fresh private temporary directory."""
+    fresh private temporary directory. A build that failed with every flag set leaves a record in the
+    cache, keyed by the source, the compiler's identity and the CPU, and is not tried again there."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    identity = [source, (shutil.which(cc) or cc).encode(), version.encode(), _cpu_signature().encode()]
     cache = _private_cache_dir()
-    errors = []
-    for flags in _FLAG_SETS:
-        parts = [source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
-        name = f"neumann_kernel_{key}.so"
-        if cache is not None:
-            target = cache / name
-            if _is_trusted_file(target):
-                return target
-            if not os.path.lexists(target):
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                    out = Path(tmp) / name
-                    err = _compile(cc, flags, out)
-                    if not err:
-                        os.replace(out, target)  # atomic: concurrent processes (torchrun ranks) may race
-                        return target
-                    errors.append(err)
-                    continue
-        private = Path(tempfile.mkdtemp(prefix="neumann_optimizer-"))  # 0700, ours alone
-        atexit.register(shutil.rmtree, private, True)
-        out = private / name
-        err = _compile(cc, flags, out)
-        if not err:
-            return out
-        errors.append(err)
-    raise RuntimeError("; ".join(errors))
+    with _build_lock(cache):
+        failed = cache / f"neumann_kernel_{_key(*identity)}.failed" if cache is not None else None
+        if failed is not None and _is_trusted_file(failed):
+            raise RuntimeError(f"an earlier build failed (not retried; delete {failed} to retry): {failed.read_text()}")
+        errors = []
+        for flags in _FLAG_SETS:
+            name = f"neumann_kernel_{_key(*identity, ' '.join(flags).encode())}.so"
+            if cache is not None:
+                target = cache / name
+                if _is_trusted_file(target):
+                    return target
+                if not os.path.lexists(target):
+                    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                        out = Path(tmp) / name
+                        err = _compile(cc, flags, out)
+                        if not err:
+                            os.replace(out, target)  # atomic: a reader never sees half a file
+                            return target
+                        errors.append(err)
+                        continue
+            private = Path(tempfile.mkdtemp(prefix="neumann_optimizer-"))  # 0700, ours alone
+            atexit.register(shutil.rmtree, private, True)
+            out = private / name
+            err = _compile(cc, flags, out)
+            if not err:
+                return out
+            errors.append(err)
+        reason = "; ".join(errors)
+        if failed is not None:
+            failed.write_text(reason[-2000:])
+            os.chmod(failed, 0o600)
+        raise RuntimeError(reason)
 
 
 def library_path() -> Path | None:
@@ -237,15 +285,39 @@ def unavailable_reason() -> str:
     return _reason
 
 
+def _dense(t: Tensor) -> bool:
+    """``t``'s elements fill ``numel`` consecutive slots from its data pointer, in some order
+    (contiguous, channels_last, any permutation): non-overlapping and dense."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(
+        ((n, st) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1), key=lambda d: d[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def supports(*lists: list[Tensor]) -> bool:
-    """Non-empty lists of dense contiguous CPU tensors, all float32 or all float64 (the kernel's
-    types)."""
+    """Non-empty lists of CPU tensors, all float32 or all float64 (the kernel's types), each dense and
+    non-overlapping, and the tensors at one position of the lists (a parameter's w, g, m, v) of equal
+    strides: the kernel then runs over their memory as flat arrays, in the same order for each."""
     if not lists or not lists[0]:
         return False
     dtype = lists[0][0].dtype
-    return dtype in DTYPES and all(
-        t.is_cpu and t.dtype is dtype and t.layout is torch.strided and t.is_contiguous() for ts in lists for t in ts
-    )
+    if dtype not in DTYPES:
+        return False
+    for same in zip(*lists, strict=True):
+        first = same[0]
+        if not (first.is_cpu and first.layout is torch.strided and first.dtype is dtype and _dense(first)):
+            return False
+        if any(t.dtype is not dtype or not t.is_cpu or t.stride() != first.stride() for t in same[1:]):
+            return False
+        if any(t.layout is not torch.strided or t.shape != first.shape for t in same[1:]):
+            return False
+    return True
 
 
 def pointers(tensors: list[Tensor]) -> ctypes.Array:

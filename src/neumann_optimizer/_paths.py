@@ -15,21 +15,6 @@ from . import functional as F
 from ._distributed import all_reduce_squared_norm
 from .schedule import Phase
 
-FUSED_DEFAULT_MIN_NUMEL = 2**20
-
-
-def _default_fused(lw: list[Tensor]) -> bool:
-    """Where ``fused=None`` uses the compiled graph when the CPU kernel does not apply (say,
-    bfloat16 parameters, or no C compiler): CPU groups of at least 2^20 scalars.
-
-    There ``benchmarks/step_time.py`` measured it 1.5-2x faster than the for-loop path (the
-    torch.optim default on CPU), and the one-off compilation (tens of seconds, cached on disk)
-    is small against a run long enough to matter. Small models keep the for-loop path and start
-    at once. On accelerators it has not been measured yet, so the default stays the multi-tensor
-    path there, as in torch.optim.
-    """
-    return all(t.device.type == "cpu" for t in lw) and sum(t.numel() for t in lw) >= FUSED_DEFAULT_MIN_NUMEL
-
 
 def compile_failed(exc: BaseException) -> bool:
     """``exc`` comes from compiling the graph (dynamo's tracing or the backend's compiler), which
@@ -167,8 +152,8 @@ def update_group(
     opt._carried.pop(gi, None)  # a step on another path: its norm was not summed
     fused = use_fused(opt, group, lw) and apply is None
     foreach = group["foreach"]
-    if foreach is None:
-        foreach = all(p.device.type != "cpu" for p in lw)
+    if foreach is None:  # the multi-tensor step on accelerators, and on CPU where the kernel left the choice to it
+        foreach = group["fused"] is None or all(p.device.type != "cpu" for p in lw)
     sq: Tensor | None = None
     if fused:
         try:
@@ -217,9 +202,7 @@ def fused_fallback(opt: Any, exc: Exception) -> None:
 
 
 def use_fused(opt: Any, group: dict[str, Any], lw: list[Tensor]) -> bool:
-    fused = group["fused"]
-    if fused is None:  # an explicit foreach=True or False is honoured, as in torch.optim
-        fused = group["foreach"] is None and _default_fused(lw)
+    fused = group["fused"]  # (None: never compiled on the user's behalf, as torch.optim never does)
     if not fused or opt._fused_failed:
         return False
     if len({(t.device, t.dtype) for t in lw}) != 1 or not lw[0].is_floating_point():

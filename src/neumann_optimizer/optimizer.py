@@ -43,7 +43,6 @@ from ._nonfinite import (
     raise_nonfinite,
 )
 from ._paths import (
-    FUSED_DEFAULT_MIN_NUMEL,
     _real,
     sync_free,
     update_group,
@@ -53,7 +52,6 @@ from .schedule import Phase, next_reset_interval, plan_step, scheduler_wrote_mom
 
 __all__ = [
     "DIVERGED_AFTER",
-    "FUSED_DEFAULT_MIN_NUMEL",
     "DivergedWarning",
     "Neumann",
     "ScheduleWarning",
@@ -162,9 +160,9 @@ class Neumann(EvaluationWeights, Optimizer):
             the multi-tensor path with a warning where compilation fails (before anything is
             written); an error while the compiled graph runs propagates, leaving parameters and
             state as it found them (the step counters not advanced). ``None`` (default): the
-            CPU kernel wherever it applies and ``foreach`` is not given; else, ``foreach`` not given
-            either, the compiled graph for CPU groups of at least 2^20 scalars; else ``foreach``'s
-            choice.
+            CPU kernel wherever it applies (dense tensors whose ``w``, ``g``, ``m``, ``v`` share their
+            strides, channels_last included) and ``foreach`` is not given; else the multi-tensor
+            step, or ``foreach``'s choice. ``None`` never compiles: only ``fused=True`` does.
             ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the CPU kernel off.
         total_steps: the run's length in steps, if known: warns (:class:`ScheduleWarning`) when the
             burn-in is more than a quarter of it (a short run would be mostly plain SGD).
