@@ -114,7 +114,7 @@ def test_neumann_optimizer_wheel_installs_and_steps(tmp_path):
         "    opt.step()\n"
         "assert opt.param_groups[0]['step'] == 4\n"
         f"assert n.__version__ == {meta['Version']!r}, n.__version__\n"
-        "assert sorted(n.__all__) == ['Neumann', '__version__', 'eval_state_dict'], n.__all__\n"
+        "assert sorted(n.__all__) == ['Neumann', 'ScheduleWarning', '__version__', 'eval_state_dict'], n.__all__\n"
         "print('OK', n.__version__)\n"
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV)
