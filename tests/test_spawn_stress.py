@@ -1,6 +1,6 @@
 """Stress for the tests that spawn gloo ranks: the DDP tests of test_noise_scale and
 test_distributed, 10 times each, beside a CPU-bound process (a 2-core machine then has more work
-than cores, the load under which a rank once aborted at exit). About 12 minutes on 2 cores, so it
+than cores, the load under which a rank once aborted at exit). About 7 minutes on 2 cores, so it
 is marked ``stress`` and left out of the default run: ``python -m pytest -m stress tests/test_spawn_stress.py``."""
 
 from __future__ import annotations
