@@ -313,10 +313,11 @@ def supports(*lists: list[Tensor]) -> bool:
         first = same[0]
         if not (first.is_cpu and first.layout is torch.strided and first.dtype is dtype and _dense(first)):
             return False
-        if any(t.dtype is not dtype or not t.is_cpu or t.stride() != first.stride() for t in same[1:]):
-            return False
-        if any(t.layout is not torch.strided or t.shape != first.shape for t in same[1:]):
-            return False
+        for t in same[1:]:
+            if not (t.is_cpu and t.layout is torch.strided and t.dtype is dtype and t.stride() == first.stride()):
+                return False
+            if t.shape != first.shape:
+                return False
     return True
 
 

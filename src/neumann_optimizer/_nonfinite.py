@@ -60,11 +60,10 @@ def finite_tensor(grads: list[Tensor]) -> Tensor:
     is, in any dtype: a sum or an L1 norm overflows (float16 past 65,504) while every element is
     finite. Eagerly one multi-tensor launch; under ``torch.compile`` a max per tensor, which
     inductor fuses."""
-    grads = [g for g in grads if g.numel()]
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    if torch.compiler.is_compiling():
-        peaks = [g.abs().amax().float() for g in grads]
+    if torch.compiler.is_compiling():  # (amax has no value for an empty tensor; the norm gives 0)
+        peaks = [g.abs().amax().float() for g in grads if g.numel()] or [torch.zeros((), device=grads[0].device)]
     else:
         wide = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         peaks = list(torch._foreach_norm(grads, math.inf, dtype=wide))

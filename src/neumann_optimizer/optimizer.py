@@ -239,6 +239,7 @@ class Neumann(EvaluationWeights, Optimizer):
         # per group index: eager device-scheduled steps since its host and device counters last agreed
         # (missing: not known to agree, as after compiled steps)
         self._unsynced: dict[int, int] = {}
+        self._total_steps: int | None = None  # the run length last checked by set_total_steps
         super().__init__(params, defaults)
         if total_steps is not None:
             self.set_total_steps(total_steps)
@@ -248,7 +249,7 @@ class Neumann(EvaluationWeights, Optimizer):
         callbacks call it with the trainer's count): a :class:`ScheduleWarning` says so when a group's
         burn-in is more than a quarter of them. Nothing else uses it."""
         check_int("total_steps", total_steps, 1)
-        if self.__dict__.get("_total_steps") != total_steps:  # (once per length: callbacks may repeat it)
+        if self._total_steps != total_steps:  # (once per length: callbacks may repeat it)
             self._total_steps = total_steps
             check_run_length(self.param_groups, total_steps)
 
@@ -281,6 +282,7 @@ class Neumann(EvaluationWeights, Optimizer):
         self.__dict__["_records"] = {}
         self.__dict__.setdefault("_sched", {})
         self.__dict__["_unsynced"] = {}
+        self.__dict__.setdefault("_total_steps", None)
         for group in self.param_groups:
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
