@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from neumann_repro import ladder
 from neumann_repro.runner import Runner
 from neumann_repro.studies import critical_batch as cb
 from neumann_repro.study import Settings
@@ -73,13 +74,19 @@ def test_every_cell_finds_the_smallest_reaching_budget_at_a_tuned_interior_rate(
         for b in cb.FULL["batches"]:
             res = cb.cell_result(cells[f"{name}/{b}"], target)
             best = res.smallest
-            need = S_MIN * (1 + B_NOISE / b)  # at the best rate
-            assert best is not None and best.lr == pytest.approx(BEST_LR[name]) and best.interior
-            assert best.steps == 2 ** math.ceil(math.log2(need))  # the smallest rung >= S_need
+            grid_best = ladder.lr_at(ladder.lr_index(BEST_LR[name]))  # the fine grid's rate nearest the bowl's floor
+            assert best is not None and best.lr == grid_best and best.interior
+            # the worse tuning seed (seed 1) decides: the smallest rung >= its S_need
+            need = s_need({"optimizer": name, "batch": b, "lr": grid_best}) * 1.001
+            assert best.steps == 2 ** math.ceil(math.log2(need))
             assert res.verified(cb.FULL["first_budget"])  # and the rung below was tuned and failed
-            # within it: the first evaluation point at or past S_need (the 2-seed mean)
-            pts = [best.steps * k // 16 for k in range(1, 17)]
-            assert best.first_hit == min(p for p in pts if p >= need * 1.0005)
+            # each reporting seed: the first evaluation point at or past its own S_need
+            pts = [round(best.steps * k / cb.EVALS) for k in range(1, cb.EVALS + 1)]
+            want = {
+                s: min((p for p in pts if p >= need / 1.001 * (1 + 0.001 * s)), default=None)
+                for s in ladder.report_seeds()
+            }
+            assert best.hits == want
 
 
 def test_critical_batch_rule_and_noise_scale_in_the_summary(study, tmp_path):
@@ -106,6 +113,6 @@ def test_critical_batch_size_rule():
 def test_start_budget_is_a_ladder_rung():
     st = cb.FULL
     for b in st["batches"]:
-        s = cb.start_budget(st, b)
+        s = ladder.start_budget(st, b)
         assert s >= st["first_budget"] and math.log2(s / st["first_budget"]).is_integer()
-    assert cb.start_budget(st, 16) == 8192 and cb.start_budget(st, 4096) == 64
+    assert ladder.start_budget(st, 16) == 8192 and cb.start_budget(st, 4096) == 64

@@ -10,6 +10,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from neumann_repro import ladder
 from neumann_repro.runner import Runner, config_key
 from neumann_repro.studies import ingredients as ing
 from neumann_repro.study import Settings
@@ -83,11 +84,16 @@ def study(tmp_path_factory):
 def test_seeds_tune_and_report_apart(study):
     runner, _ = study
     seen = [c for r in runner.rounds for c in r]
-    assert {c["seed"] for c in seen} == {0, *ing.REPORT_SEEDS}
-    # the reporting seeds run only at a budget's (or a cell's) chosen rate, after seed 0 chose it
-    for c in seen:
-        if c["seed"] > 0:
-            assert any(o["seed"] == 0 and {**o, "seed": c["seed"]} == c for o in seen)
+    assert {c["seed"] for c in seen} == {0, 1, *ladder.report_seeds()}
+    # the reporting seeds run only at a cell's chosen budget and rate, after both tuning seeds ran it,
+    # and in a later round than every tuning run of their cell
+    for k, r in enumerate(runner.rounds):
+        for c in r:
+            if c["seed"] >= 2:
+                assert all(any(o == {**c, "seed": t} for o in seen) for t in (0, 1))
+                later = [o for rr in runner.rounds[k + 1 :] for o in rr if o["seed"] < 2]
+                same = {kk: v for kk, v in c.items() if kk not in ("steps", "lr", "seed")}
+                assert not any({kk: v for kk, v in o.items() if kk not in ("steps", "lr", "seed")} == same for o in later)
 
 
 def test_every_variant_differs_from_the_default_in_one_thing(study):
@@ -109,19 +115,23 @@ def test_cells_searching_the_same_runs_train_them_once(study):
 def test_steps_and_verdicts_follow_the_known_answers(study):
     _, payload = study
     summ = payload["summary"]
+    c = summ["contrasts"]  # the default's steps over the variant's: above 1, the default is slower
     for b in ("64", "256", "1024"):
-        assert summ["verdicts"]["no-burn-in"][b]["verdict"] == "costs steps"
-        assert summ["verdicts"]["constant-mu"][b]["verdict"] == "saves steps"
-        assert summ["verdicts"]["no-cubic"][b]["verdict"] == "cannot tell"
-        assert summ["verdicts"]["no-resets"][b]["verdict"] == "cannot tell"
-        assert summ["verdicts"]["at-w"][b]["verdict"] == "costs steps"
-        assert summ["verdicts"]["no-burn-in"][b]["ratio"] == pytest.approx(1.5, rel=0.1)
-        assert summ["verdicts"]["constant-mu"][b]["ratio"] == pytest.approx(0.7, rel=0.1)
+        assert c["no-burn-in"][b]["decision"] == "differs" and c["no-burn-in"][b]["ratio"] < 1
+        assert c["constant-mu"][b]["decision"] == "differs" and c["constant-mu"][b]["ratio"] > 1
+        assert c["at-w"][b]["decision"] == "differs" and c["at-w"][b]["ratio"] < 1  # read at w, 1.2x the steps
+        for same in ("no-cubic", "no-resets"):  # identical runs: no difference, and equivalent within 10%
+            assert c[same][b]["ratio"] == 1.0 and c[same][b]["p"] == 1.0
+            assert c[same][b]["decision"] == "equivalent"
+        assert c["no-burn-in"][b]["ratio"] == pytest.approx(1 / 1.5, rel=0.1)
+        assert c["constant-mu"][b]["ratio"] == pytest.approx(1 / 0.7, rel=0.1)
+        assert c["no-burn-in"][b]["lo"] <= c["no-burn-in"][b]["ratio"] <= c["no-burn-in"][b]["hi"] < 1
     # steps to the target fall with the batch as S_min (1 + B_noise / B) does
     steps = summ["steps"]["default"]
     assert steps["64"] > steps["256"] > steps["1024"]
     verdict = ing.verdict(summ)
-    assert "no burn-in: costs steps at batch 64, 256, 1024" in verdict
+    assert "no burn-in: the default needs fewer steps at batch 64, 256, 1024" in verdict
+    assert "no cubic term (alpha = 0): within ±10% at batch 64, 256, 1024" in verdict
 
 
 def test_fixed_epoch_table_has_every_variant_and_reads_at_w_from_the_default(study):
@@ -131,8 +141,9 @@ def test_fixed_epoch_table_has_every_variant_and_reads_at_w_from_the_default(stu
     assert fixed["at-w"]["lr"] == fixed["default"]["lr"]
     assert fixed["at-w"]["test_mean"] == pytest.approx(1.2 * fixed["default"]["test_mean"], rel=1e-9)
     assert not any(r["cell"] == "fixed/at-w" for r in payload["runs"])
-    assert fixed["no-burn-in"]["vs_default"].startswith("worse")
-    assert fixed["constant-mu"]["vs_default"].startswith("better")
+    # the default minus the variant: positive where the default is worse
+    assert fixed["no-burn-in"]["vs_default"].startswith("-") and "the default better" in fixed["no-burn-in"]["vs_default"]
+    assert fixed["constant-mu"]["vs_default"].startswith("+") and "the default worse" in fixed["constant-mu"]["vs_default"]
 
 
 def test_variant_configs_reach_the_optimizer():
@@ -151,7 +162,7 @@ def test_variant_configs_reach_the_optimizer():
 
 def test_one_batch_size_is_drawn_as_bars_and_one_seed_gives_no_verdict(tmp_path):
     mp = pytest.MonkeyPatch()
-    one = {**ing.CB_FULL, "target": 10.0, "batches": [256], "fixed": {**ing.FIXED, "epochs": 6}, "seeds": (1,)}
+    one = {**ing.CB_FULL, "target": 10.0, "batches": [256], "fixed": {**ing.FIXED, "epochs": 6}, "n_report": 1}
     mp.setattr(ing, "settings", lambda s: one)
     try:
         ing.ingredients(Synthetic(tmp_path), Settings(quick=False, epochs=1))
@@ -160,7 +171,7 @@ def test_one_batch_size_is_drawn_as_bars_and_one_seed_gives_no_verdict(tmp_path)
     payload = json.loads((tmp_path / "ingredients" / "results.json").read_text())
     assert payload["meta"]["batches"] == [256]
     verdict = ing.verdict(payload["summary"])
-    assert "no verdict (fewer than 2 reporting seeds a side)" in verdict and "cannot tell" not in verdict
+    assert "no verdict (fewer than 2 reporting seeds a side)" in verdict and "inconclusive" not in verdict
     drawn = []
     mp.setattr(ing, "save_figure", lambda fig, path: drawn.append(fig))
     try:
@@ -171,7 +182,6 @@ def test_one_batch_size_is_drawn_as_bars_and_one_seed_gives_no_verdict(tmp_path)
                 list(payload["meta"]["variants"]),
                 [256],
                 10.0,
-                (1,),
                 payload["meta"]["metrics"],
             ),
             tmp_path,

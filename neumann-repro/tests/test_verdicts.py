@@ -3,12 +3,31 @@ words a verdict says."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 from neumann_repro.studies.calibration import false_positive_rates, render_calibration
 from neumann_repro.studies.calibration import verdict as calibration_verdict
-from neumann_repro.verdicts import compare, contrast_p, judge, reporting, two_se, welch_p
+from neumann_repro.verdicts import (
+    ERROR_MARGIN,
+    STEPS_MARGIN,
+    compare,
+    contrast_p,
+    decide,
+    error_contrast,
+    holm,
+    judge,
+    rank_p,
+    reporting,
+    said_steps,
+    settle,
+    shift_interval,
+    steps_contrast,
+    two_se,
+    welch_interval,
+    welch_p,
+)
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -38,7 +57,11 @@ def test_contrast_p_generalises_welch():
 def test_degenerate_samples():
     assert welch_p([1.0], [2.0, 3.0]) is None
     assert welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0
-    assert welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0
+    # no spread on either side: the t statistic is undefined, and the exact rank test answers, never 0
+    assert welch_p([1.0, 1.0], [2.0, 2.0]) == pytest.approx(2 / 6)
+    assert welch_p([1.0] * 4, [2.0] * 4) == pytest.approx(2 / 70)
+    assert contrast_p([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], [1.0, -2.0, 1.0]) == 1.0
+    assert contrast_p([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]], [1.0, -2.0, 1.0]) is None
 
 
 def test_welch_is_calibrated_and_the_old_rule_is_not_on_normal_a_a_draws():
@@ -95,3 +118,75 @@ def test_calibration_renders_rates_per_setting_and_a_verdict(tmp_path):
     assert summary["pooled"]["2"]["welch"] == pytest.approx((summary["a/2"]["welch"] + summary["b/2"]["welch"]) / 2)
     assert (tmp_path / "calibration.png").exists()
     assert "calibrated" in calibration_verdict(summary)
+
+
+# ---------------------------------------------------------------- the protocol of issue 36
+@pytest.mark.parametrize("n1,n2", [(2, 3), (4, 4), (5, 3), (8, 8)])
+def test_rank_p_is_scipys_exact_mann_whitney_without_ties(n1, n2):
+    rng = random.Random(n1 * 7 + n2)
+    for _ in range(10):
+        a = [rng.gauss(0, 1) for _ in range(n1)]
+        b = [rng.gauss(rng.uniform(-2, 2), 1) for _ in range(n2)]
+        ref = stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue
+        assert rank_p(a, b) == pytest.approx(ref, rel=1e-9)
+
+
+def test_rank_p_ties_misses_last_and_is_a_permutation_test():
+    inf = math.inf
+    # every split of 4 + 4 is equally likely: all-misses against all-reached is the most extreme
+    assert rank_p([inf] * 4, [1.0, 2.0, 3.0, 4.0]) == pytest.approx(2 / 70)
+    assert rank_p([1.0, 2.0, inf, inf], [1.0, 2.0, inf, inf]) == 1.0
+    # ties: against a brute-force permutation test on the difference of mean midranks
+    import itertools
+
+    a, b = [1.0, 1.0, 2.0, inf], [2.0, 3.0, inf, inf]
+    pooled = a + b
+    ranks = [sum(v < x for v in pooled) + (sum(v == x for v in pooled) + 1) / 2 for x in pooled]
+    seen = abs(sum(ranks[:4]) - sum(ranks) / 2)
+    splits = list(itertools.combinations(range(8), 4))
+    extreme = sum(abs(sum(ranks[i] for i in c) - sum(ranks) / 2) >= seen - 1e-12 for c in splits)
+    assert rank_p(a, b) == pytest.approx(extreme / len(splits))
+
+
+def test_shift_interval_is_the_set_of_shifts_the_rank_test_keeps():
+    """Moses' interval by its definition: the shifts d for which the exact rank test of a - d
+    against b does not reject at 5% (checked on a fine grid of d)."""
+    rng = random.Random(3)
+    a = [rng.gauss(1.0, 1) for _ in range(6)]
+    b = [rng.gauss(0.0, 1) for _ in range(6)]
+    est, lo, hi = shift_interval(a, b)
+    assert lo <= est <= hi
+    kept = [d / 100 for d in range(-600, 800) if rank_p([x - d / 100 for x in a], b) > 0.05]
+    assert min(kept) == pytest.approx(lo, abs=0.011) and max(kept) == pytest.approx(hi, abs=0.011)
+
+
+def test_holm_by_hand():
+    assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert holm([0.5, 0.001]) == [0.5, 0.002]
+    assert holm([None]) == [None]
+
+
+def test_welch_interval_is_scipys():
+    a, b = [1.0, 2.5, 3.0, 2.2], [2.0, 3.0, 4.5]
+    d, lo, hi = welch_interval(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), rel=1e-9) and d == pytest.approx(sum(a) / 4 - sum(b) / 3)
+
+
+def test_decisions_split_cannot_tell_into_equivalent_and_inconclusive():
+    near = [10.0, 10.1, 9.9, 10.05, 9.95, 10.02]
+    assert decide(*_pc(error_contrast(near, [x + 0.01 for x in near])), ERROR_MARGIN) == "equivalent"
+    wide = [8.0, 12.0, 9.0, 11.0]
+    assert decide(*_pc(error_contrast(wide, [x + 0.1 for x in wide])), ERROR_MARGIN) == "inconclusive"
+    far = [x + 3 for x in near]
+    assert decide(*_pc(error_contrast(far, near)), ERROR_MARGIN) == "differs"
+    assert decide(None, None, ERROR_MARGIN) == "no test"
+    # steps: misses censor, and an interval that cannot be bounded is said open
+    c = steps_contrast([100.0, 110.0, math.inf, math.inf], [100.0, 104.0, 108.0, 112.0])
+    assert c is not None and math.isinf(c["hi"])
+    settle([c], STEPS_MARGIN)
+    assert c["decision"] == "inconclusive" and "∞" in said_steps(c, "2 of 4 vs 4 of 4 reached", 1)
+
+
+def _pc(c):
+    return c["p"], c["ci90"]

@@ -18,18 +18,22 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import ladder
 from .runner import Runner
 from .runs import final, mean_std
 
 
-def lr_at(i: int) -> float:
-    """The ``i``-th rate of the grid: ..., 0.1, 0.3, 1, 3, 10, ..."""
+def lr_at(i: int, grid: str = "coarse") -> float:
+    """The ``i``-th rate of the grid: coarse ..., 0.1, 0.3, 1, 3, 10, ...; fine (4 per decade, the
+    ladder protocol's) ..., 0.1, 0.18, 0.32, 0.56, 1, 1.8, ..."""
+    if grid == "fine":
+        return ladder.lr_at(i)
     return float(f"{1 if i % 2 == 0 else 3}e{i // 2}")
 
 
-def lr_index(lr: float) -> int:
+def lr_index(lr: float, grid: str = "coarse") -> int:
     """The grid index nearest to ``lr`` (exact for grid rates)."""
-    return round(2 * math.log10(lr))
+    return ladder.lr_index(lr) if grid == "fine" else round(2 * math.log10(lr))
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Protocol:
     final_seeds: int = 3
     max_extensions: int = 6
     refine: bool = True  # then try the two geometric midpoints around the grid's choice
+    grid: str = "coarse"  # "fine": 4 rates per decade (then no midpoints)
+    score: str = "mean"  # "worse": a rate scores its worse tuning seed (a divergence on either counts)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -55,15 +61,16 @@ class Choice:
         return sorted(self.scores)
 
 
-def choose(runs: Sequence[dict[str, Any]], tune_seeds: int) -> Choice:
-    """The rate with the lowest mean final validation error over the tuning seeds (pure)."""
+def choose(runs: Sequence[dict[str, Any]], tune_seeds: int, score: str = "mean") -> Choice:
+    """The rate with the lowest mean (``score="worse"``: highest) final validation error over the
+    tuning seeds (pure); a diverged run scores chance."""
     per_lr: dict[float, list[float]] = {}
     for r in runs:
         if r["config"]["seed"] < tune_seeds:
             per_lr.setdefault(float(r["config"]["lr"]), []).append(final(r, "val_error"))
     if not per_lr:
         raise ValueError("no tuning runs to choose from")
-    scores = {lr: mean_std(v)[0] for lr, v in per_lr.items()}
+    scores = {lr: (max(v) if score == "worse" else mean_std(v)[0]) for lr, v in per_lr.items()}
     best = min(scores, key=lambda lr: (scores[lr], lr))
     lrs = sorted(scores)
     return Choice(best, scores, len(lrs) >= 3 and lrs[0] < best < lrs[-1])
@@ -93,9 +100,10 @@ def tune(
     Returns each cell's runs (tuning and final seeds), each tagged with ``"cell": name``. Rounds of
     runs go through the runner's cache, so an interrupted study resumes where it stopped.
     """
-    half = protocol.points // 2
+    half, g = protocol.points // 2, protocol.grid
     tried = {
-        name: set(range(lr_index(c) - half, lr_index(c) - half + protocol.points)) for name, (_, c) in cells.items()
+        name: set(range(lr_index(c, g) - half, lr_index(c, g) - half + protocol.points))
+        for name, (_, c) in cells.items()
     }
     extensions = dict.fromkeys(cells, 0)
 
@@ -110,7 +118,9 @@ def tune(
         return out
 
     def grid_plan() -> list[tuple[str, dict[str, Any]]]:
-        return [(n, cfg(n, lr_at(i), s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)]
+        return [
+            (n, cfg(n, lr_at(i, g), s)) for n in cells for i in sorted(tried[n]) for s in range(protocol.tune_seeds)
+        ]
 
     round_ = 0
     while True:
@@ -118,32 +128,32 @@ def tune(
         runs = run(grid_plan(), f"learning-rate grid, round {round_}")
         grown = False
         for name in cells:
-            choice = choose(runs[name], protocol.tune_seeds)
+            choice = choose(runs[name], protocol.tune_seeds, protocol.score)
             if choice.interior or extensions[name] >= protocol.max_extensions:
                 continue
-            i, lo, hi = lr_index(choice.lr), min(tried[name]), max(tried[name])
+            i, lo, hi = lr_index(choice.lr, g), min(tried[name]), max(tried[name])
             tried[name].add(i - 1 if i == lo else hi + 1)
             extensions[name] += 1
             grown = True
         if not grown:
             break
     plan = grid_plan()
-    if protocol.refine:
+    if protocol.refine and g == "coarse":
         for name in cells:
-            coarse = choose(runs[name], protocol.tune_seeds)
+            coarse = choose(runs[name], protocol.tune_seeds, protocol.score)
             if coarse.interior:
                 plan += [(name, cfg(name, lr, s)) for lr in midpoints(coarse) for s in range(protocol.tune_seeds)]
         runs = run(plan, "rates between the best grid rates")
     for name in cells:
-        best = choose(runs[name], protocol.tune_seeds).lr
+        best = choose(runs[name], protocol.tune_seeds, protocol.score).lr
         plan += [(name, cfg(name, best, s)) for s in range(protocol.tune_seeds, protocol.final_seeds)]
     return run(plan, "more seeds at the chosen rates")
 
 
-def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int) -> dict[str, Any]:
+def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int, score: str = "mean") -> dict[str, Any]:
     """A cell's choice and its test errors over the final seeds at the chosen rate (``report``: those
     of the seeds that did not tune it)."""
-    choice = choose(runs, tune_seeds)
+    choice = choose(runs, tune_seeds, score)
     at = [r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds]
     test = [final(r, "test_error") for r in sorted(at, key=lambda r: r["config"]["seed"])]
     m, s = mean_std(test)
