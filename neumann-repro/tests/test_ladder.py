@@ -50,7 +50,7 @@ def test_a_rate_one_tuning_seed_diverges_at_is_never_chosen():
 def test_the_reporting_seeds_choose_nothing_and_their_misses_are_censored():
     # every reporting seed diverges: the budget and rate are those the tuning seeds chose, and the
     # seeds report misses (inf), not an imputed number of steps
-    x, runs = search({s: 0.0 for s in ladder.report_seeds(4)}, n_report=4)
+    _, runs = search({s: 0.0 for s in ladder.report_seeds(4)}, n_report=4)
     _, clean = search({}, n_report=4)
     a = ladder.cell_result([r for rs in runs.values() for r in rs], 10.0)
     b = ladder.cell_result([r for rs in clean.values() for r in rs], 10.0)
