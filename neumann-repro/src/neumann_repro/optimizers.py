@@ -14,7 +14,8 @@ LABELS = {
     "adam": "Adam",
     "adamw": "AdamW",
     "rmsprop": "RMSprop",
+    "rmsprop-inception": "RMSprop as in Inception (decay 0.9, momentum 0.9, eps 1.0)",
     "lars": "LARS",
     "lamb": "LAMB",
 }
-BASELINES = ("sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
+BASELINES = ("sgd", "adam", "adamw", "rmsprop", "rmsprop-inception", "lars", "lamb")

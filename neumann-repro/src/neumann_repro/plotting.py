@@ -18,6 +18,7 @@ COLORS = {
     "adam": "tab:red",
     "adamw": "tab:purple",
     "rmsprop": "tab:brown",
+    "rmsprop-inception": "tab:gray",
     "lars": "tab:pink",
     "lamb": "black",
 }

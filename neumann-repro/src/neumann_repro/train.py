@@ -45,7 +45,7 @@ from neumann_optimizer.optimizer import DivergedWarning
 from .tasks import Dataset, has_batchnorm, make_model
 
 PAPER_REPULSIVE_WEIGHT = 1e-5  # beta / n of the paper's Table 1
-OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "adamw", "rmsprop", "lars", "lamb")
+OPTIMIZERS = ("neumann", "neumann-adaptive", "sgd", "adam", "adamw", "rmsprop", "rmsprop-inception", "lars", "lamb")
 
 
 SCHEDULES = ("cosine", "paper")
@@ -105,6 +105,8 @@ def make_optimizer(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int) 
         return torch.optim.AdamW(params, lr=lr)  # torch's defaults (weight_decay 0.01)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8)
+    if name == "rmsprop-inception":  # the paper's baseline: Inception's RMSprop (Szegedy et al. 2016)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1.0)
     if name in ("lars", "lamb"):
         # the large-batch baselines come from a well-kept collection, configured as its docs say
         from pytorch_optimizer import LARS, Lamb

@@ -150,19 +150,39 @@ def tune(
     return run(plan, "more seeds at the chosen rates")
 
 
+def next_up(runs: Sequence[dict[str, Any]], tune_seeds: int, lr: float) -> str:
+    """What the next rate above ``lr`` did on the tuning seeds: "1.8 diverged (1 of 2 tuning seeds)",
+    "1.8: 7.9% validation error (worse seed)", or "none tried above"."""
+    above = sorted(
+        {float(r["config"]["lr"]) for r in runs if r["config"]["lr"] > lr and r["config"]["seed"] < tune_seeds}
+    )
+    if not above:
+        return "none tried above"
+    at = [r for r in runs if r["config"]["lr"] == above[0] and r["config"]["seed"] < tune_seeds]
+    div = sum(bool(r["diverged"]) for r in at)
+    if div:
+        return f"{above[0]:g} diverged ({div} of {len(at)} tuning seed{'s' if len(at) != 1 else ''})"
+    return f"{above[0]:g}: {max(final(r, 'val_error') for r in at):.2f}% validation error (worse tuning seed)"
+
+
 def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int, score: str = "mean") -> dict[str, Any]:
-    """A cell's choice and its test errors over the final seeds at the chosen rate (``report``: those
-    of the seeds that did not tune it)."""
+    """A cell's choice and its test errors at the chosen rate over its reporting seeds (the final
+    seeds that did not tune it: ``report``; where there are none, a quick run, over the tuning seeds)."""
     choice = choose(runs, tune_seeds, score)
-    at = [r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds]
-    test = [final(r, "test_error") for r in sorted(at, key=lambda r: r["config"]["seed"])]
+    at = sorted(
+        (r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds),
+        key=lambda r: r["config"]["seed"],
+    )
+    report = [final(r, "test_error") for r in at if r["config"]["seed"] >= tune_seeds]
+    test = report or [final(r, "test_error") for r in at]
     m, s = mean_std(test)
     return dict(
         lr=choice.lr,
         tried=choice.tried,
         interior=choice.interior,
+        next_up=next_up(runs, tune_seeds, choice.lr),
         trials=sum(1 for r in runs if r["config"]["seed"] < tune_seeds),
-        seeds=len(at),
+        seeds=len(test),
         test_mean=m,
         test_std=s,
         test_min=min(test),
@@ -171,9 +191,5 @@ def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int,
         neumann_steps=at[0].get("neumann_steps") if at else None,
         diverged=sum(r["diverged"] for r in at),
         # the test errors of the seeds that did not tune the rate: what a verdict compares (verdicts)
-        report=[
-            final(r, "test_error")
-            for r in sorted(at, key=lambda r: r["config"]["seed"])
-            if r["config"]["seed"] >= tune_seeds
-        ],
+        report=report,
     )

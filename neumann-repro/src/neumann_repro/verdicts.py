@@ -242,7 +242,7 @@ def said_steps(c: dict[str, Any] | None, reached: str, family: int) -> str:
 
 ERROR_RULE = (
     "Each verdict: the difference in mean test error (first minus second, in points: positive means the first is "
-    "worse) with its 95% Welch interval, Welch's p Holm-adjusted over the column's family; 'equivalent within "
+    "worse) with its 95% Welch interval, Welch's p Holm-adjusted over its family; 'equivalent within "
     "±0.3' where the 90% interval lies inside ±0.3 points (two one-sided tests at 5%), 'inconclusive' otherwise."
 )
 

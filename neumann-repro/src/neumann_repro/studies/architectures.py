@@ -245,7 +245,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
             runs = cells.get(f"{name}/{row}", [])
             if not runs:
                 continue
-            r = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
+            r = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
             at = [x for x in runs if x["config"]["lr"] == r["lr"] and x["config"]["seed"] < protocol.final_seeds]
             r["curve"] = mean_curve(at)
             r["at"] = at
@@ -321,7 +321,7 @@ def _bn_table(cells: dict[str, list[dict[str, Any]]], protocol: Protocol, summar
     ]
     names = [c for c in cells if c.startswith("cnn/neumann") or c.startswith("scaling/neumann")]
     for name in names:
-        r = summarize(cells[name], protocol.tune_seeds, protocol.final_seeds)
+        r = summarize(cells[name], protocol.tune_seeds, protocol.final_seeds, protocol.score)
         at = [x for x in cells[name] if x["config"]["lr"] == r["lr"] and x["config"]["seed"] < protocol.final_seeds]
         if not at or any("test_error_at_w" not in x["history"][-1] for x in at):
             continue

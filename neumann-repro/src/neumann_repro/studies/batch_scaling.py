@@ -76,7 +76,7 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         for b in batches:
             if f"{name}/{b}" in cells:
                 rows.setdefault(name, {})[b] = summarize(
-                    cells[f"{name}/{b}"], protocol.tune_seeds, protocol.final_seeds
+                    cells[f"{name}/{b}"], protocol.tune_seeds, protocol.final_seeds, protocol.score
                 )
     train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
     lines = [

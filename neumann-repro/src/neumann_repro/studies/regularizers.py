@@ -103,7 +103,7 @@ def regularizers(runner: Runner, s: Settings) -> str:
 def cell_summary(runs: list[dict[str, Any]], protocol: Protocol) -> dict[str, Any]:
     """A (cell, variant)'s tuned choice, final and best test error along the run, late loss, and
     the repulsive-force fractions, over the final seeds at the chosen rate."""
-    row = summarize(runs, protocol.tune_seeds, protocol.final_seeds)
+    row = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
     at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
     curve = mean_curve(at)
     best = min(curve)
