@@ -184,7 +184,7 @@ def describe_step(step: int, plan: Any, lr: float, sq: Any, alpha: float, beta: 
         step=step,
         phase=plan.phase.value,
         lr=lr,
-        momentum=plan.momentum,
+        momentum=plan.mu,
         distance=None,
         cubic_weight=alpha,
         repulsive_weight_total=beta,

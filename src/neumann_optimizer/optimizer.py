@@ -39,16 +39,10 @@ from ._nonfinite import (
     DivergedWarning,
     count_skip,
     finite_flags,
-    finite_tensor,
     raise_nonfinite,
 )
-from ._paths import (
-    _real,
-    sync_free,
-    update_group,
-    use_fused,
-)
-from .schedule import Phase, next_reset_interval, plan_step, scheduler_wrote_momentum
+from ._paths import _real, device_scheduled, update_group, use_fused
+from .schedule import COUNTER_KEYS, Phase, advance, factors, scheduler_wrote_momentum
 
 __all__ = [
     "DIVERGED_AFTER",
@@ -188,6 +182,7 @@ class Neumann(EvaluationWeights, Optimizer):
         evaluation: str = "exact",
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         total_steps: int | None = None,
     ) -> None:
         if isinstance(params, torch.nn.Module):
@@ -199,7 +194,7 @@ class Neumann(EvaluationWeights, Optimizer):
             check_int("steps_per_epoch", steps_per_epoch, 1)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"Neumann: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        for flag, value in (("foreach", foreach), ("fused", fused)):
+        for flag, value in (("foreach", foreach), ("fused", fused), ("capturable", capturable)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Neumann: {flag} must be None, True or False, got {value!r}")
         if fused and foreach:
@@ -225,19 +220,20 @@ class Neumann(EvaluationWeights, Optimizer):
             evaluation=evaluation,
             foreach=foreach,
             fused=fused,
+            capturable=capturable,
         )
         validate_group(dict(defaults))
         self._fused_failed = False  # set when torch.compile failed: the fused path is off for good
         self._plain: dict[int, bool] = {}  # per group index: all parameters plain real tensors
-        # per group index: (signature of w and v, local sum ||w - v||^2) after the last CPU-kernel pass
-        self._carried: dict[int, tuple[tuple, float]] = {}
+        # per group index: the CPU kernel's carried norm (functional.neumann's ``carry``)
+        self._carried: dict[int, dict[str, Any]] = {}
         # per group index: what the last applied step did (read through step_record())
         self._records: dict[int, tuple[Any, ...] | None] = {}
         # per group index: its counters as device tensors, once a step kept them there (torch.compile,
-        # or an accelerator's step without host reads)
+        # fused=True off the CPU kernel, capturable=True)
         self._sched: dict[int, dict[str, Tensor]] = {}
-        # per group index: eager device-scheduled steps since its host and device counters last agreed
-        # (missing: not known to agree, as after compiled steps)
+        # per group index: device-scheduled steps outside torch.compile since its host and device
+        # counters last agreed (missing: not known to agree, as after steps traced by dynamo)
         self._unsynced: dict[int, int] = {}
         self._total_steps: int | None = None  # the run length last checked by set_total_steps
         super().__init__(params, defaults)
@@ -287,6 +283,7 @@ class Neumann(EvaluationWeights, Optimizer):
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("capturable", False)
             group.setdefault("regularizer_schedule", "constant")
             group.setdefault("evaluation", "exact")
             group.setdefault("reference_lr", float(group["lr"]))
@@ -362,22 +359,22 @@ class Neumann(EvaluationWeights, Optimizer):
             )
         compiling = torch.compiler.is_compiling()
         entries = [entry for entry in self._gather() if entry[2]]
-        # groups whose step reads nothing on the host (the schedule and the finite check on the device)
-        device: dict[int, str] = {}  # group -> "eager" or "compiled"
-        for gi, _, ps, _ in [] if compiling else entries:
-            if kind := sync_free(self, gi, self._local(gi, ps)):
+        # groups on their device schedule: traced by dynamo (plain groups), or fused=True off the CPU
+        # kernel ("compiled"), or capturable=True ("eager"); the others on the host schedule
+        device: dict[int, str] = {}
+        for gi, _, ps, _ in entries:
+            kind = "traced" if compiling and self._is_plain(gi) else None
+            if kind or (not compiling and (kind := device_scheduled(self, gi, self._local(gi, ps)))):
                 device[gi] = kind
         if not compiling and set(self._sched) - device.keys():
             self._sync_counters(skip=device.keys())  # host-scheduled steps after device ones: the host counters first
-        applies: dict[int, Tensor] = {}
-        checked = [e for e in entries if self.param_groups[e[0]]["nonfinite"] != "ignore" and e[0] not in device]
-        if compiling:
-            # "skip": a tensor-valued check (as fused Adam's found_inf): no host synchronisation, no
-            # graph break; a non-finite step leaves weights and state untouched
-            for gi, _, _, gs in checked:
-                if self.param_groups[gi]["nonfinite"] == "skip":
-                    applies[gi] = finite_tensor(self._local(gi, gs))
-            checked = [e for e in checked if e[0] not in applies]
+        # "skip" on the device schedule is a device flag (as fused Adam's found_inf); the rest are read here
+        checked = [
+            e
+            for e in entries
+            if self.param_groups[e[0]]["nonfinite"] != "ignore"
+            and not (e[0] in device and self.param_groups[e[0]]["nonfinite"] == "skip")
+        ]
         flags = finite_flags(checked, self.param_groups, self._local) if checked else []
         bad = [e for e, ok in zip(checked, flags, strict=True) if not ok]
         for entry in bad:  # raise before any group is written
@@ -387,11 +384,11 @@ class Neumann(EvaluationWeights, Optimizer):
         for gi in sorted(skipped):
             count_skip(self.param_groups[gi], gi, len(self.param_groups))
         for gi, _, params, grads in entries:
-            if compiling and self._is_plain(gi):  # the schedule on the device: no guard on a counter
-                self._graph_step(gi, params, grads, applies.get(gi))
+            if device.get(gi) == "traced":  # the schedule on the device: no guard on a counter
+                self._graph_step(gi, params, grads)
                 continue
             if gi not in skipped:
-                self._step_group(gi, params, grads, applies.get(gi), device=device.get(gi))
+                self._step_group(gi, params, grads, device=device.get(gi))
                 self.param_groups[gi]["consecutive_skipped_steps"] = 0
             if self._unsynced.get(gi, 0) >= SYNC_EVERY:  # the occasional read of a device-scheduled group
                 self._sync_counters(only=gi)
@@ -415,7 +412,7 @@ class Neumann(EvaluationWeights, Optimizer):
             vs.append(state.get("v"))
         return ms, vs
 
-    def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None) -> None:
+    def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
         """A step traced by ``torch.compile``: the schedule as device tensors (see ``_graph_step``)."""
         group = self.param_groups[gi]
         lean = is_lean(group)
@@ -423,7 +420,7 @@ class Neumann(EvaluationWeights, Optimizer):
         sched = schedule_of(self, gi, params)
         self._unsynced.pop(gi, None)  # the host counters no longer follow the device ones
         n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-        graph_step(group, sched, params, grads, ms, None if lean else vs, apply, n)
+        graph_step(group, sched, params, grads, ms, None if lean else vs, None, n, group["nonfinite"] == "skip")
         # (nothing else of the optimizer is touched here: any Python value read or written in this
         # frame becomes a guard; the host learns of the step from the device schedule when it asks)
 
@@ -433,35 +430,31 @@ class Neumann(EvaluationWeights, Optimizer):
         if not torch.compiler.is_compiling():
             sync_counters(self, skip, only)
 
-    def _step_group(
-        self, gi: int, params: list[Tensor], grads: list[Tensor], apply: Tensor | None = None, device: str | None = None
-    ) -> None:
-        """One step of group ``gi``, on the host schedule or (``device``: ``sync_free``'s kind) the
-        device one."""
+    def _step_group(self, gi: int, params: list[Tensor], grads: list[Tensor], device: str | None = None) -> None:
+        """One step of group ``gi``, on the host schedule or (``device``: ``"compiled"`` or
+        ``"eager"``) the device one."""
         group = self.param_groups[gi]
         if group["momentum_bounds"] is not None and scheduler_wrote_momentum(group):
             warn_scheduler_momentum(group, gi, len(self.param_groups))
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
-        plan = plan_step(group["step"], group["burn_in_steps"], group["next_reset"], group)
+        fac = factors(group["step"], group["next_reset"], group)
         lean = is_lean(group)
         ms, vs = self._buffers(group, params, lean)
-        lr = group["lr"] if device else float(group["lr"])  # (a tensor lr stays one on the device step)
-        weights = regularizer_weights(group) if plan.phase is Phase.NEUMANN and not lean and not device else None
         vs_ = None if lean else vs
+        lr = group["lr"] if device else float(group["lr"])  # (a tensor lr stays one on the device step)
+        sq: Any = None
+        weights = None
         if device:
-            sq: Any = device_update(self, gi, params, grads, ms, vs_, device == "compiled")
-            sq = None if lean else sq
+            device_update(self, gi, params, grads, ms, vs_, device == "compiled")
         else:
-            sq = update_group(self, gi, plan.phase, plan.momentum, lr, weights, params, grads, ms, vs_, apply)
-        self._records[gi] = (plan, lr, sq, weights, lean)
-        group["step"] += 1
-        if plan.phase is not Phase.BURN_IN:
-            group["last_momentum"] = plan.momentum
+            weights = regularizer_weights(group) if fac.phase is Phase.NEUMANN and not lean else None
+            sq = update_group(self, gi, fac, lr, weights, params, grads, ms, vs_)
+        self._records[gi] = (fac, lr, sq, weights, lean)
+        group.update(advance({k: group[k] for k in COUNTER_KEYS}, fac.is_reset, True, group["reset_growth"]))
+        if not fac.in_burn:
+            group["last_momentum"] = fac.mu
         if group["momentum_bounds"] is not None:  # following the ramp: report the mu used
             group["momentum"] = group["last_momentum"]
-        if plan.phase is Phase.RESET:
-            group["next_reset"] += group["reset_interval"]
-            group["reset_interval"] = next_reset_interval(group["reset_interval"], group["reset_growth"])
 
     def _is_plain(self, gi: int) -> bool:
         """All parameters of group ``gi`` are plain real tensors (no DTensor, no complex); cached."""
