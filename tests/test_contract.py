@@ -11,21 +11,13 @@ import pytest
 import torch
 from conftest import ElementwiseProblem
 
-from neumann_optimizer import Neumann
-from neumann_optimizer import _paths as paths_module
+from neumann_optimizer import Neumann, _graph_step, _native
 from neumann_optimizer import functional as F
 
 HP = dict(lr=0.1, burn_in_steps=3, reset_steps=4, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
 LEAN = dict(HP, cubic_weight=0.0, repulsive_weight=0.0)
-# "device": the accelerators' multi-tensor step (schedule and finite check on the device), run on CPU
-IMPLS = {"default": {}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "device": {"foreach": True}}
-
-
-@pytest.fixture(autouse=True)
-def _device_impl(request, monkeypatch):
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("impl") == "device":
-        monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", True)
+# "device": the device-scheduled step (schedule and finite check on the device), run on CPU
+IMPLS = {"default": {}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}, "device": {"capturable": True}}
 
 
 def _equal_state(opt_a, pa, opt_b, pb):
@@ -180,8 +172,9 @@ def test_no_compilation_unless_asked_for_and_explicit_foreach_is_honoured(kwargs
         raise _Called
 
     real = F.neumann_update
-    monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
-    monkeypatch.setattr(F, "fused_neumann_update", compiled)
+    monkeypatch.setattr(_native, "available", lambda: False)
+    monkeypatch.setattr(F, "_native_neumann", compiled)
+    monkeypatch.setattr(_graph_step, "_compiled", compiled)
     monkeypatch.setattr(F, "neumann_update", lambda *a, **kw: seen.append(kw["foreach"]) or real(*a, **kw))
     p = torch.nn.Parameter(torch.zeros(2**20))
     opt = Neumann([p], **HP, **kwargs)

@@ -9,15 +9,13 @@ import pytest
 import torch
 from conftest import ElementwiseProblem
 
-from neumann_optimizer import Neumann, _native
-from neumann_optimizer import _paths as paths_module
-from neumann_optimizer import functional as F
+from neumann_optimizer import Neumann, _graph_step, _native
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
-# "device" and "device-compiled": the accelerators' multi-tensor step and compiled graph (schedule
-# and finite check on the device), run on CPU
-PATHS = ["native", "compiled", "device", "device-compiled"]
+# "compiled": fused=True where the CPU kernel does not apply, the device-scheduled graph compiled;
+# "capturable": that graph run eagerly (capturable=True)
+PATHS = ["native", "compiled", "capturable"]
 
 
 def _select(monkeypatch, path: str) -> bool | str:
@@ -26,10 +24,9 @@ def _select(monkeypatch, path: str) -> bool | str:
     if path == "native":
         assert _native.available(), _native.unavailable_reason()
     else:
-        monkeypatch.setattr(paths_module, "_native_ok", lambda *lists: False)
-        monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", path.startswith("device"))
-        if path == "device":
-            return "device"
+        monkeypatch.setattr(_native, "available", lambda: False)
+        if path == "capturable":
+            return "capturable"
     return True
 
 
@@ -47,8 +44,9 @@ def _run(
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0, dtype=dtype)
     opt = Neumann(
         [{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}],
-        fused=None if fused == "device" else fused,
-        foreach=True if fused == "device" else None if fused is not False else False,
+        fused=None if fused == "capturable" else fused,
+        foreach=None if fused is not False else False,
+        capturable=fused == "capturable",
         weight_decay=wd,
         **{**HP, **(dict(cubic_weight=0.0, repulsive_weight=0.0) if lean else {})},
     )
@@ -83,8 +81,8 @@ def test_fused_matches_for_loop(path, dtype, case, monkeypatch):
     pa, oa = _run(False, dtype, **kw)
     pb, ob = _run(_select(monkeypatch, path), dtype, **kw)
     # the kernel ran (or did not); the lean step carries no norm; the device schedule was used
-    assert bool(ob._carried) == (path == "native" and not kw.get("lean"))
-    assert bool(ob._sched) == path.startswith("device")
+    assert any(ob._carried.values()) == (path == "native" and not kw.get("lean"))
+    assert bool(ob._sched) == (path != "native")
     assert [g["step"] for g in oa.param_groups] == [g["step"] for g in ob.state_dict()["param_groups"]]
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     for ga, gb in zip(pa.params, pb.params, strict=True):
@@ -103,7 +101,7 @@ def test_fused_resume_is_identical(path, tmp_path, monkeypatch):
     fused = _select(monkeypatch, path)
     full_problem, full = _run(fused, torch.float64, steps=12)
     problem = ElementwiseProblem([[(7, 3), (3,), (1,)], [(4, 4)]], 0)
-    kw = dict(foreach=True) if fused == "device" else dict(fused=True)
+    kw = dict(capturable=True) if fused == "capturable" else dict(fused=True)
     opt = Neumann([{"params": problem.params[0]}, {"params": problem.params[1], "lr": 0.03}], **kw, **HP)
     for _ in range(7):
         problem.set_grads()
@@ -127,17 +125,16 @@ def _one_step_each(fused: bool, dtype=torch.float64):
     return problem, opt
 
 
-@pytest.mark.parametrize("path", ["compiled", "device-compiled"])
-def test_fused_falls_back_when_compilation_fails(path, monkeypatch):
-    """Inductor's compiler fails (as without a C compiler): the step falls back to the
-    multi-tensor path once, loudly, and the step is applied exactly once."""
+def test_fused_falls_back_when_compilation_fails(monkeypatch):
+    """Inductor's compiler fails (as without a C compiler): the step falls back once, loudly (that
+    step runs the graph eagerly, later ones the multi-tensor path), and is applied exactly once."""
     import torch._inductor.compile_fx as compile_fx_module
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C compiler here (injected)")
 
-    _select(monkeypatch, path)
-    monkeypatch.setattr(F, "_COMPILED", {})  # fresh code objects: dynamo compiles anew
+    _select(monkeypatch, "compiled")
+    monkeypatch.setattr(_graph_step, "_COMPILED", {})  # fresh code objects: dynamo compiles anew
     monkeypatch.setattr(compile_fx_module, "compile_fx", no_compiler)
     ref_problem, ref = _one_step_each(False)
     ref.step()
@@ -147,22 +144,21 @@ def test_fused_falls_back_when_compilation_fails(path, monkeypatch):
     assert opt._fused_failed
     assert opt.state_dict()["param_groups"][0]["step"] == 1
     for a, b in zip(ref_problem.params[0], problem.params[0], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)  # applied once, by the multi-tensor path
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)  # applied once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         problem.set_grads()
         opt.step()  # no second warning
 
 
-@pytest.mark.parametrize("path", ["compiled", "device-compiled"])
-def test_failure_while_the_compiled_step_runs_propagates(path, monkeypatch):
+def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
     """An error raised while the compiled graph runs (out of memory, say) is not a compilation
     failure: it propagates, nothing is applied a second time, and the path stays on."""
-    _select(monkeypatch, path)
-    real = F._compiled
+    _select(monkeypatch, "compiled")
+    real = _graph_step._compiled
 
-    def fails_after_writing(key, body=None):
-        fn = real(key, body)
+    def fails_after_writing(key):
+        fn = real(key)
 
         def run(*args):
             fn(*args)  # the graph has written the step ...
@@ -173,7 +169,7 @@ def test_failure_while_the_compiled_step_runs_propagates(path, monkeypatch):
     ref_problem, ref = _one_step_each(False)
     ref.step()
     problem, opt = _one_step_each(True)
-    monkeypatch.setattr(F, "_compiled", fails_after_writing)
+    monkeypatch.setattr(_graph_step, "_compiled", fails_after_writing)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(torch.OutOfMemoryError, match="injected"):
@@ -185,7 +181,7 @@ def test_failure_while_the_compiled_step_runs_propagates(path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # the host counters did not advance; the device schedule, which the graph wrote, did with the weights
     assert opt.param_groups[0]["step"] == 0
-    assert opt.state_dict()["param_groups"][0]["step"] == (1 if path == "device-compiled" else 0)
+    assert opt.state_dict()["param_groups"][0]["step"] == 1
 
 
 def test_default_path_choice():
@@ -197,7 +193,7 @@ def test_default_path_choice():
         opt = Neumann([p], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"}, **kwargs)
         p.grad = torch.ones(10)
         opt.step()
-        assert bool(opt._carried) == native, kwargs
+        assert any(opt._carried.values()) == native, kwargs
 
 
 def test_native_kernel_carries_the_norm(monkeypatch):
@@ -254,7 +250,7 @@ def test_native_unavailable_falls_back_quietly(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         pb, ob = _run(None, torch.float64)  # the default: the for-loop path for this small model
     pa, _ = _run(False, torch.float64)
-    assert not ob._carried
+    assert not any(ob._carried.values())
     for ga, gb in zip(pa.params, pb.params, strict=True):
         for a, b in zip(ga, gb, strict=True):
             assert torch.equal(a, b)
@@ -287,7 +283,7 @@ def test_many_groups_of_equal_counts_and_other_shapes_compile_apart(monkeypatch)
     a graph of its own (a shared one would recompile per group and reach dynamo's recompile limit,
     8), and the step equals the multi-tensor path's."""
     _select(monkeypatch, "compiled")
-    monkeypatch.setattr(F, "_COMPILED", {})
+    monkeypatch.setattr(_graph_step, "_COMPILED", {})
     groups = [[torch.randn(k + 2, 3, dtype=torch.float64), torch.randn(k + 2, dtype=torch.float64)] for k in range(9)]
     made = [[torch.nn.Parameter(t.clone()) for t in g] for g in groups]
     twin = [[torch.nn.Parameter(t.clone()) for t in g] for g in groups]
@@ -302,7 +298,7 @@ def test_many_groups_of_equal_counts_and_other_shapes_compile_apart(monkeypatch)
             warnings.simplefilter("error", RuntimeWarning)  # no fallback to the multi-tensor path
             opt.step()
         ref.step()
-    assert len({k for k in F._COMPILED if k[0] == "step"}) == 9 and not opt._fused_failed
+    assert len(_graph_step._COMPILED) == 9 and not opt._fused_failed
     for ps, qs in zip(made, twin, strict=True):
         for p, q in zip(ps, qs, strict=True):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
@@ -336,11 +332,11 @@ def test_device_compiled_path_compiles_one_graph_per_group_for_the_whole_schedul
             return problem, opt, opt.state_dict()
 
     pa, _, sa = run(False)
-    _select(monkeypatch, "device-compiled")
-    monkeypatch.setattr(F, "_COMPILED", {})
+    _select(monkeypatch, "compiled")
+    monkeypatch.setattr(_graph_step, "_COMPILED", {})
     with torch._dynamo.config.patch(error_on_recompile=True):
         pb, ob, sb = run(True)
-    assert sorted(k[0] for k in F._COMPILED) == ["graph", "graph"] and not ob._fused_failed
+    assert len(_graph_step._COMPILED) == 2 and not ob._fused_failed
     keys = ("step", "skipped_steps", "next_reset", "reset_interval")
     assert [[g[k] for k in keys] for g in sa["param_groups"]] == [[g[k] for k in keys] for g in sb["param_groups"]]
     assert [g["skipped_steps"] for g in sb["param_groups"]] == [0, 2]
@@ -350,15 +346,15 @@ def test_device_compiled_path_compiles_one_graph_per_group_for_the_whole_schedul
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["for-loop", "foreach", "compiled", "device", "device-compiled"])
+@pytest.mark.parametrize("path", ["for-loop", "foreach", "compiled", "capturable"])
 def test_low_precision_gradients_whose_norm_overflows_still_step(path, dtype, monkeypatch):
     """Every entry finite, but the gradient's L1 norm (3e5, and 1.2e6 for the wider tensor) is far past
     float16's 65,504: the finite check must not read that as inf and skip every step."""
     fused = _select(monkeypatch, path) if path not in ("for-loop", "foreach") else False
-    foreach = {"for-loop": False, "foreach": True, "device": True}.get(path)
+    foreach = {"for-loop": False, "foreach": True}.get(path)
     ps = [torch.zeros(300_000, dtype=dtype, requires_grad=True), torch.zeros(1_000, 1_200, dtype=dtype)]
     ps[1].requires_grad_(True)
-    opt = Neumann(ps, fused=None if fused in (False, "device") else fused, foreach=foreach, **HP)
+    opt = Neumann(ps, fused=fused if fused is True else None, foreach=foreach, capturable=fused == "capturable", **HP)
     for _ in range(4):
         for p in ps:
             p.grad = torch.ones_like(p)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,6 @@ from hypothesis import strategies as st
 from reference import RefGroup
 
 from neumann_optimizer import Neumann
-from neumann_optimizer import _paths as paths_module
 
 shape_st = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 group_hp = st.fixed_dictionaries(
@@ -58,16 +55,23 @@ def make_ref(problem: ElementwiseProblem, gi: int, hp: dict) -> RefGroup:
 def test_matches_float64_reference_every_step(groups, path, seed):
     """Weights, iterate, average and evaluation weights equal the SPEC reference, step by step,
     through burn-in and several resets, with per-group hyperparameters and per-group norms, on the
-    for-loop and multi-tensor paths and the accelerators' multi-tensor step (device schedule)."""
+    for-loop and multi-tensor paths and the device-scheduled step (``capturable=True``)."""
     shapes = [g[0] for g in groups]
     problem = ElementwiseProblem(shapes, seed)
     param_groups = [dict(params=problem.params[i], **hp) for i, (_, hp) in enumerate(groups)]
-    with mock.patch.object(paths_module, "SYNC_FREE_ON_CPU", path == "device"):
-        _check_against_reference(problem, groups, param_groups, path != "for-loop")
+    _check_against_reference(problem, groups, param_groups, path != "for-loop", capturable=path == "device")
 
 
-def _check_against_reference(problem, groups, param_groups, foreach):
-    opt = Neumann(param_groups, lr=0.1, foreach=foreach, burn_in_steps=0, reset_steps=1, momentum_ramp_steps=1)
+def _check_against_reference(problem, groups, param_groups, foreach, capturable=False):
+    opt = Neumann(
+        param_groups,
+        lr=0.1,
+        foreach=foreach,
+        capturable=capturable,
+        burn_in_steps=0,
+        reset_steps=1,
+        momentum_ramp_steps=1,
+    )
     refs = [make_ref(problem, i, hp) for i, (_, hp) in enumerate(groups)]
     for _ in range(25):
         problem.set_grads()

@@ -154,7 +154,7 @@ def schedule_of(opt: Any, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
 STATIC_KEYS = (
     "burn_in_steps",
     "momentum_bounds",
-    "momentum",
+    "momentum",  # (read only where a scheduler took the momentum over: momentum_bounds None)
     "momentum_ramp_steps",
     "cubic_weight",
     "repulsive_weight",
@@ -187,14 +187,15 @@ def device_update(
     ms: list[Tensor],
     vs: list[Tensor] | None,
     compiled: bool,
-) -> None:
+) -> Tensor:
     """A step of group ``gi`` on its device schedule, outside ``torch.compile(opt.step)``:
     ``compiled`` (``fused=True``): :func:`graph_step` as one graph the library compiles, the group's
     constants compiled in and ``lr`` a 0-d tensor (a changing learning rate does not recompile);
     where compilation fails (before anything is written) the group falls back to the multi-tensor
     step with a warning. Otherwise (``capturable=True``) :func:`graph_step` eagerly. With
     ``nonfinite="skip"`` the finite check is a device flag; the host counters advance as if the step
-    applied and are corrected when read (:func:`sync_counters`)."""
+    applied and are corrected when read (:func:`sync_counters`). Returns the step's ``||w - v||^2``
+    (a device tensor, nan where not summed)."""
     group = opt.param_groups[gi]
     if gi not in opt._unsynced and gi in opt._sched:  # after steps traced by dynamo: the host counters first
         sync_counters(opt, only=gi)
@@ -204,21 +205,25 @@ def device_update(
     check = group["nonfinite"] == "skip"
     f = acc_dtype(params)
     static = {k: group[k] for k in STATIC_KEYS}
+    if group["momentum_bounds"] is not None:  # (the ramp's mu is computed; the host's reported one changes)
+        del static["momentum"]
+    constants = hash(repr(static))  # (groups of other constants get graphs of their own)
     lr = group["lr"]
     static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=params[0].device)
     if compiled:
         from ._paths import compile_failed, fused_fallback
 
         shapes = hash(tuple(tuple(t.shape) for t in params))
-        key = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, hash(repr(static)))
+        key = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, constants)
         try:
             _compiled(key)(static, sched, params, grads, ms, vs, None, n, check)
-            return
+            return sched["sq"].clone()
         except Exception as exc:
             if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
                 raise
             fused_fallback(opt, exc)  # compilation failed before anything was written
     graph_step(static, sched, params, grads, ms, vs, None, n, check)
+    return sched["sq"].clone()
 
 
 def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:

@@ -300,6 +300,12 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+def usable(*lists: list[Tensor]) -> bool:
+    """The kernel applies to these tensors here: outside torch.compile (it is an opaque ctypes
+    call), :func:`supports` them, and it compiled (:func:`available`)."""
+    return not torch.compiler.is_compiling() and supports(*lists) and available()
+
+
 def supports(*lists: list[Tensor]) -> bool:
     """Non-empty lists of CPU tensors, all float32 or all float64 (the kernel's types), each dense and
     non-overlapping, and the tensors at one position of the lists (a parameter's w, g, m, v) of equal

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _native
 from ._distributed import all_ranks_true, local_tensor
-from ._paths import _native_ok, _wants_native
+from ._paths import _wants_native
 
 # a run of this many consecutive skipped steps of a group gets a DivergedWarning
 DIVERGED_AFTER = 100
@@ -40,7 +40,7 @@ def finite_flags(entries: list[Gathered], groups: list[dict[str, Any]], local: A
     device_flags: list[tuple[int, Tensor]] = []
     for k, (gi, _, _, gs) in enumerate(entries):
         grads = local(gi, gs)
-        if _wants_native(groups[gi]) and _native_ok(grads):
+        if _wants_native(groups[gi]) and _native.usable(grads):
             flags[k] = _native.all_finite(grads)  # one C pass, stops at the first
             continue
         device_flags.append((k, finite_tensor(grads)))

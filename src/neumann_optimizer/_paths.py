@@ -29,12 +29,6 @@ def _wants_native(group: dict[str, Any]) -> bool:
     return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None)
 
 
-def _native_ok(*lists: list[Tensor]) -> bool:
-    """The fused path's CPU kernel applies: dense contiguous CPU tensors, all float32 or all
-    float64, outside torch.compile (the kernel is an opaque ctypes call), and it compiled."""
-    return not torch.compiler.is_compiling() and _native.supports(*lists) and _native.available()
-
-
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -111,6 +105,6 @@ def device_scheduled(opt: Any, gi: int, lw: list[Tensor]) -> str | None:
         return None
     if group["capturable"]:
         return "eager"
-    if _wants_native(group) and _native_ok(lw):
+    if _wants_native(group) and _native.usable(lw):
         return None
     return "compiled" if use_fused(opt, group, lw) and group["momentum_bounds"] is not None else None

@@ -324,8 +324,7 @@ def neumann(
     from . import _native
 
     vs_ = vs if vs is not None else []
-    kernel = fused is not False and not torch.compiler.is_compiling()
-    if kernel and _native.supports(params, grads, ms, *([vs] if vs is not None else [])) and _native.available():
+    if fused is not False and _native.usable(params, grads, ms, *([vs] if vs is not None else [])):
         return _native_neumann(
             params,
             grads,

@@ -445,7 +445,8 @@ class Neumann(EvaluationWeights, Optimizer):
         sq: Any = None
         weights = None
         if device:
-            device_update(self, gi, params, grads, ms, vs_, device == "compiled")
+            sq = device_update(self, gi, params, grads, ms, vs_, device == "compiled")
+            sq = None if lean else sq
         else:
             weights = regularizer_weights(group) if fac.phase is Phase.NEUMANN and not lean else None
             sq = update_group(self, gi, fac, lr, weights, params, grads, ms, vs_)

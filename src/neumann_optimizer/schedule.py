@@ -124,8 +124,8 @@ def factors(step: Any, next_reset: Any, group: dict, ops: Ops = HOST) -> Factors
     t = s - group["burn_in_steps"]
     is_reset = ops.and_(ops.not_(in_burn), t == next_reset)
     bounds = group["momentum_bounds"]
-    if bounds is not None:
-        mu = momentum_at(t, group["momentum_ramp_steps"], bounds[0], bounds[1], ops)
+    if bounds is not None:  # (in burn-in the ramp is not used: t = 1 there keeps 1 + t/tau away from 0)
+        mu = momentum_at(ops.where(in_burn, 1, t), group["momentum_ramp_steps"], bounds[0], bounds[1], ops)
     else:  # written by a momentum-cycling scheduler (OneCycleLR, CyclicLR): the mu of this step
         mu = constant_momentum(group["momentum"])
     mu = ops.where(in_burn, 0.0, mu)

@@ -1,6 +1,7 @@
-"""The accelerators' eager multi-tensor step with ``nonfinite="skip"``: its schedule and finite check
-live on the device, so ``step()`` reads nothing on the host between occasional reads. Run here on
-CPU tensors (``_paths.SYNC_FREE_ON_CPU``), against the host-scheduled multi-tensor step."""
+"""``capturable=True``: the step's schedule and finite check live on the parameters' device, so
+``step()`` reads nothing on the host between occasional reads (a CUDA graph can capture it). Run
+here on CPU tensors, against the host-scheduled multi-tensor step: the same schedule
+(``schedule.factors`` and ``schedule.advance``) on tensors instead of Python numbers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 from neumann_optimizer import Neumann, _graph_step
-from neumann_optimizer import _paths as paths_module
 from neumann_optimizer.optimizer import DivergedWarning
 
 HP = dict(burn_in_steps=3, reset_steps=4, momentum_ramp_steps=3, cubic_weight=1e-2, repulsive_weight=1e-4)
@@ -30,13 +30,12 @@ def _grads(params, i, bad):
 
 
 def _run(device, monkeypatch, steps, bad=(), dtype=torch.float32, **kw):
-    """``steps`` steps of the device-scheduled (``device``) or host-scheduled multi-tensor path; the
-    gradient of step ``i`` holds ``bad[i]`` where given. Returns the params, the optimizer and the
-    step indices (from 1) at which ``step()`` read a tensor on the host."""
-    monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", device)
+    """``steps`` steps of the device-scheduled (``device``: ``capturable=True``) or host-scheduled
+    multi-tensor path; the gradient of step ``i`` holds ``bad[i]`` where given. Returns the params,
+    the optimizer and the step indices (from 1) at which ``step()`` read a tensor on the host."""
     bad = dict(bad)
     params = _params(dtype)
-    opt = Neumann(params, **{"lr": 0.05, "foreach": True, **HP, **kw})
+    opt = Neumann(params, **{"lr": 0.05, "foreach": True, "capturable": device, **HP, **kw})
     reads: list[int] = []
     now = [0]
     for name in READS:
@@ -55,7 +54,7 @@ def _run(device, monkeypatch, steps, bad=(), dtype=torch.float32, **kw):
             now[0] = i
             opt.step()
             now[0] = 0
-    monkeypatch.undo()  # the Tensor methods back (and the path choice with them)
+    monkeypatch.undo()  # the Tensor methods back
     return params, opt, reads
 
 
@@ -114,9 +113,8 @@ def test_no_host_read_between_the_periodic_ones(monkeypatch):
 
 
 def test_skipped_steps_write_nothing_and_leave_the_gradients(monkeypatch):
-    monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", True)
     params = _params()
-    opt = Neumann(params, lr=0.05, foreach=True, **HP)
+    opt = Neumann(params, lr=0.05, capturable=True, **HP)
     for i in range(1, 8):
         _grads(params, i, {})
         opt.step()
@@ -136,9 +134,8 @@ def test_a_diverged_run_is_told_at_the_periodic_read(monkeypatch):
     """Every step skipped from step 3 on: the counts are exact when read, one DivergedWarning comes
     at the first read after 100 skips in a row (the periodic one), and skip warnings at the reads
     that cross 1, 10, 100 skips."""
-    monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", True)
     params = _params()
-    opt = Neumann(params, lr=0.05, foreach=True, **HP)
+    opt = Neumann(params, lr=0.05, capturable=True, **HP)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(1, 3 + 2 * _graph_step.SYNC_EVERY):
@@ -153,13 +150,13 @@ def test_a_diverged_run_is_told_at_the_periodic_read(monkeypatch):
     assert (group["step"], group["skipped_steps"], group["consecutive_skipped_steps"]) == (2, 200, 200)
 
 
-def test_compiled_then_eager_steps_keep_one_schedule(monkeypatch):
-    """Steps under torch.compile, then eager ones, then compiled again: the counters are those of
-    a run that took every step eagerly."""
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_then_eager_steps_keep_one_schedule(monkeypatch, capturable):
+    """Steps under torch.compile, then eager ones (host- or device-scheduled), then compiled again:
+    the counters are those of a run that took every step eagerly."""
     pa, oa, _ = _run(False, monkeypatch, 24)
-    monkeypatch.setattr(paths_module, "SYNC_FREE_ON_CPU", True)
     params = _params()
-    opt = Neumann(params, lr=0.05, foreach=True, **HP)
+    opt = Neumann(params, lr=0.05, capturable=True, **HP)
     compiled = torch.compile(opt.step, backend="eager")
     for i in range(1, 25):
         _grads(params, i, {})
