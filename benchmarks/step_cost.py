@@ -152,17 +152,20 @@ NEU = dict(lr=0.01, burn_in_steps=1, reset_steps=10**6, momentum_ramp_steps=1.0)
 
 def optimizers() -> dict[str, tuple[Callable[[list], torch.optim.Optimizer], dict[str, Any]]]:
     """name -> (make(params or groups), module patches while it runs)."""
-    cpu_as_gpu = dict(_native_ok=lambda *lists: False, SYNC_FREE_ON_CPU=True)
     return {
         "Neumann() on CPU (C kernel)": (lambda p: Neumann(p, **NEU), {}),
         "Neumann(foreach=True), host schedule": (lambda p: Neumann(p, foreach=True, fused=False, **NEU), {}),
-        "Neumann() on accelerators (masked, device schedule)": (lambda p: Neumann(p, foreach=True, **NEU), cpu_as_gpu),
+        "Neumann() on accelerators (multi-tensor, host schedule)": (
+            lambda p: Neumann(p, **NEU),
+            dict(available=lambda: False),
+        ),
+        "Neumann(capturable=True), device schedule": (lambda p: Neumann(p, capturable=True, **NEU), {}),
         "Neumann(foreach=False)": (lambda p: Neumann(p, foreach=False, fused=False, **NEU), {}),
         "Neumann lean, C kernel": (lambda p: Neumann(p, cubic_weight=0.0, **NEU), {}),
         "Neumann lean, foreach": (lambda p: Neumann(p, cubic_weight=0.0, foreach=True, fused=False, **NEU), {}),
-        "Neumann lean on accelerators (masked)": (
-            lambda p: Neumann(p, cubic_weight=0.0, foreach=True, **NEU),
-            cpu_as_gpu,
+        "Neumann lean on accelerators (multi-tensor)": (
+            lambda p: Neumann(p, cubic_weight=0.0, **NEU),
+            dict(available=lambda: False),
         ),
         "Adam(fused=True)": (lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), {}),
         "Adam(foreach=True)": (lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True), {}),

@@ -28,7 +28,6 @@ from typing import ClassVar
 import torch
 
 from neumann_optimizer import Neumann, _native
-from neumann_optimizer import _paths as paths_module
 
 
 def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -51,33 +50,26 @@ def transformer_like(total: int, layers: int = 8, device: str = "cpu") -> list[t
 
 @contextmanager
 def patched(**values: object) -> Iterator[None]:
-    """Inside: ``neumann_optimizer._paths`` with these attributes."""
-    real = {k: getattr(paths_module, k) for k in values}
+    """Inside: ``neumann_optimizer._native`` with these attributes."""
+    real = {k: getattr(_native, k) for k in values}
     for k, v in values.items():
-        setattr(paths_module, k, v)
+        setattr(_native, k, v)
     try:
         yield
     finally:
         for k, v in real.items():
-            setattr(paths_module, k, v)
+            setattr(_native, k, v)
 
 
 class CompiledGraph(Neumann):
     """``Neumann(fused=True)`` on its torch.compile'd graph, timed on CPU too (as where the CPU
     kernel is unavailable)."""
 
-    patches: ClassVar[dict[str, object]] = dict(_native_ok=lambda *lists: False)
+    patches: ClassVar[dict[str, object]] = dict(available=lambda: False)
 
     def step(self, closure=None):  # type: ignore[override]
         with patched(**self.patches):
             return super().step(closure)
-
-
-class DeviceSchedule(CompiledGraph):
-    """Neumann's steps as on accelerators, timed on CPU: the schedule and finite check on the device,
-    no host read (the multi-tensor step masks a skipped step with one pass more per buffer)."""
-
-    patches: ClassVar[dict[str, object]] = dict(CompiledGraph.patches, SYNC_FREE_ON_CPU=True)
 
 
 def compiled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -115,11 +107,8 @@ def make_optimizers(
         "Neumann lean, nonfinite='ignore'" + kernel: lambda: Neumann(params, fused=True, nonfinite="ignore", **lean),
         "Neumann lean, foreach=True": lambda: Neumann(params, foreach=True, fused=False, **lean),
     }
-    if device == "cpu":  # the accelerators' steps (device schedule), to show what their masking costs
-        dev = " [device schedule, as on accelerators]"
-        impls["Neumann(foreach=True)" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **neu)
-        impls["Neumann lean, foreach=True" + dev] = lambda: DeviceSchedule(params, foreach=True, fused=False, **lean)
-        impls["Neumann(fused=True) [compiled graph," + dev[2:]] = lambda: DeviceSchedule(params, fused=True, **neu)
+    # the device schedule run eagerly (no host read: what a CUDA graph captures)
+    impls["Neumann(capturable=True)"] = lambda: Neumann(params, capturable=True, **neu)
     if kernel == " [CPU kernel]":  # the compiled graph too, as used where the kernel is unavailable
         impls["Neumann(fused=True) [compiled graph]"] = lambda: CompiledGraph(params, fused=True, **neu)
         impls["Neumann(fused=True, nonfinite='ignore') [compiled graph]"] = lambda: CompiledGraph(

@@ -102,3 +102,19 @@ def check_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
                     f"Neumann.load_state_dict: state of {opt._param_name(gi, pi)} lacks 'm': "
                     "not a state dict of a Neumann optimizer"
                 )
+
+
+def buffers(state: Any, params: list[Tensor], lean: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Each parameter's ``m`` and ``v`` (created at its first step; a lean group keeps no ``v``)."""
+    ms, vs = [], []
+    for p in params:
+        st = state[p]
+        if "m" not in st:
+            st["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if lean:
+            st.pop("v", None)  # no regularizer: the step needs no v (memory as SGD's)
+        elif "v" not in st:  # w_0 at the first step; the current weights once a regularizer is on
+            st["v"] = p.detach().to(dtype=v_dtype(p), memory_format=torch.preserve_format, copy=True)
+        ms.append(st["m"])
+        vs.append(st.get("v"))
+    return ms, vs

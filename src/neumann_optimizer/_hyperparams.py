@@ -4,6 +4,7 @@ parameter group, and the regularizer weights of a group's next step."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -203,3 +204,48 @@ def describe_step(step: int, plan: Any, lr: float, sq: Any, alpha: float, beta: 
             cubic_force=alpha * r**2 if ok else 0.0,
         )
     return out
+
+
+def check_gradient(p: Tensor, name: Callable[[], str]) -> None:
+    """A parameter's gradient is one the step supports, else a clear error naming it (``name()``)."""
+    if p.grad.is_sparse:  # type: ignore[union-attr]
+        raise RuntimeError(f"Neumann does not support sparse gradients ({name()})")
+    if p.grad.is_complex() != p.is_complex():  # type: ignore[union-attr]
+        raise RuntimeError(f"Neumann: gradient and {name()} differ in complexity")
+    if p.device.type == "meta" or p.grad.device.type == "meta":  # type: ignore[union-attr]
+        raise RuntimeError(
+            f"Neumann: {name()} is on the meta device; materialise the parameters "
+            "(e.g. module.to_empty(device=...) and initialise them) before the first step"
+        )
+    if p.grad.device != p.device or p.grad.dtype != p.dtype:  # type: ignore[union-attr]
+        raise RuntimeError(
+            f"Neumann: the gradient of {name()} is {p.grad.dtype} on {p.grad.device}, "  # type: ignore[union-attr]
+            f"the parameter {p.dtype} on {p.device}; they must match"
+        )
+    if not p.is_floating_point() and not p.is_complex():
+        raise RuntimeError(f"Neumann: {name()} is {p.dtype}; only float and complex")
+
+
+def upgrade_group(group: dict[str, Any]) -> None:
+    """The keys a group of an earlier version's state dict lacks, at their defaults; the counters."""
+    for key, default in dict(
+        nonfinite="skip", foreach=None, fused=None, capturable=False, regularizer_schedule="constant"
+    ).items():
+        group.setdefault(key, default)
+    group.setdefault("evaluation", "exact")
+    group.setdefault("reference_lr", float(group["lr"]))
+    for key, default in COUNTERS.items():
+        group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+    upgrade_momentum(group)
+
+
+def describe_groups(name: str, groups: list[dict[str, Any]]) -> str:
+    """The optimizer's ``repr``: each group's hyperparameters and counters."""
+    keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum_bounds", "momentum", "cubic_weight")
+    keys += ("repulsive_weight", "ema_decay", "weight_decay", "regularizer_schedule")
+    lines = [f"{name} ("]
+    for i, group in enumerate(groups):
+        lines.append(f"Parameter Group {i}")
+        lines += [f"    {k}: {group[k]}" for k in keys]
+        lines.append(f"    step: {group['step']}  (skipped: {group['skipped_steps']})")
+    return "\n".join([*lines, ")"])

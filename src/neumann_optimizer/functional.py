@@ -225,59 +225,19 @@ def neumann_update(
     was summed from (multi-tensor path), reused in the ``NEUMANN`` phase. (:func:`neumann` is the
     entry that picks the body and computes ``coef``.)
     """
-    kw: dict[str, Any] = dict(
-        phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay, weight_decay=weight_decay
-    )
-    if low_precision(params):
-
-        def run(w: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor] | None) -> None:
-            _update(w, g, m, v, foreach=foreach, diffs=None, **kw)
-
-        for a, b in _chunks(params):  # burn-in leaves m and v as they are
-            v = vs[a:b] if vs is not None else None
-            _update_upcast(params[a:b], grads[a:b], ms[a:b], v, run, phase is not Phase.BURN_IN)
-        return
-    _update(params, grads, ms, vs, foreach=foreach, diffs=diffs, **kw)
-
-
-def _update_upcast(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor] | None,
-    run: Callable[..., None],
-    writes_state: bool,
-) -> None:
-    """``run(params, grads, ms, vs)`` on float32 copies of these (low-precision) tensors, rounded
-    back once (``m`` and ``v`` too where ``writes_state``)."""
-    originals = (params, ms, vs if vs is not None else [])
-    params, grads, ms = (_upcast(ts) for ts in (params, grads, ms))
-    vs = _upcast(vs) if vs is not None else None
-    run(params, grads, ms, vs)
-    written = originals if writes_state else originals[:1]
-    for dsts, srcs in zip(written, (params, ms, vs or []), strict=False):
-        for dst, src in zip(dsts, srcs, strict=True):
-            if dst is not src:
-                dst.copy_(src)
-
-
-def _update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor] | None,
-    *,
-    phase: Phase,
-    lr: float,
-    momentum: float,
-    coef: Tensor | None,
-    ema_decay: float,
-    weight_decay: float,
-    foreach: bool,
-    diffs: list[Tensor] | tuple[Tensor, ...] | None,
-) -> None:
-    grads = _with_weight_decay(params, grads, weight_decay, foreach)
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
+    if low_precision(params):
+        for a, b in _chunks(params):  # float32 copies of a chunk, rounded back once (burn-in: w alone)
+            v = vs[a:b] if vs is not None else None
+            up = [_upcast(ts) for ts in (params[a:b], grads[a:b], ms[a:b], v or [])]
+            neumann_update(*up[:3], up[3] if v is not None else None, weight_decay=weight_decay, foreach=foreach, **kw)
+            written = (params[a:b], ms[a:b], v or []) if phase is not Phase.BURN_IN else (params[a:b],)
+            for dsts, srcs in zip(written, (up[0], up[2], up[3]), strict=False):
+                for dst, src in zip(dsts, srcs, strict=True):
+                    if dst is not src:
+                        dst.copy_(src)
+        return
+    grads = _with_weight_decay(params, grads, weight_decay, foreach)
     if foreach:
         _multi_tensor_neumann(params, grads, ms, vs, diffs=diffs, **kw)
     else:

@@ -15,15 +15,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._advice import ScheduleWarning, check_run_length, warn_scheduler_momentum
-from ._checkpoint import check_state_dict, saved_averages, v_dtype, with_shapes, without_shapes
+from ._checkpoint import buffers, check_state_dict, saved_averages, v_dtype, with_shapes, without_shapes
 from ._distributed import is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
 from ._graph_step import SYNC_EVERY, device_update, graph_step, refresh, schedule_of, sync_counters
 from ._hyperparams import (
-    COUNTERS,
     EPOCH_DEFAULTS,
     NONFINITE_MODES,
+    check_gradient,
     check_int,
+    describe_groups,
     describe_step,
     is_lean,
     real_numel,
@@ -31,7 +32,7 @@ from ._hyperparams import (
     regularizer_weights,
     resolve_group,
     split_momentum,
-    upgrade_momentum,
+    upgrade_group,
     validate_group,
 )
 from ._nonfinite import (
@@ -41,7 +42,7 @@ from ._nonfinite import (
     finite_flags,
     raise_nonfinite,
 )
-from ._paths import _real, device_scheduled, update_group, use_fused
+from ._paths import _real, device_scheduled, update_group
 from .schedule import COUNTER_KEYS, Phase, advance, factors, scheduler_wrote_momentum
 
 __all__ = [
@@ -122,12 +123,14 @@ class Neumann(EvaluationWeights, Optimizer):
             (warning at the 1st, 10th, 100th, ... skip, and once with a :class:`DivergedWarning`
             when 100 steps in a row were skipped); ``"raise"`` raises naming the parameter, before
             any group is written;
-            ``"ignore"`` does no check (fastest, no host synchronisation). Inside ``torch.compile``
-            and on accelerators (the multi-tensor step and ``fused=True``), ``"skip"`` reads nothing
-            on the host: the check is a device flag and the schedule lives on the device, so a
-            skipped step writes nothing and is not counted there; ``param_groups`` counts each eager
-            step as applied and is corrected, with the warnings owed, every 100 steps of the group
-            and whenever ``state_dict()``, ``eval()``/``train()`` or ``step_record()`` read it.
+            ``"ignore"`` does no check (fastest, no host synchronisation). On the host schedule the
+            check costs one host read per step, as GradScaler's ``found_inf``; with GradScaler, which
+            has checked the gradients already, ``"ignore"`` saves it. On the device schedule (inside
+            ``torch.compile``, ``fused=True`` off the C kernel, ``capturable=True``) ``"skip"`` reads
+            nothing: a skipped step writes nothing and is not counted there; ``param_groups``
+            counts each such step as applied and is corrected, with the warnings owed, every 100
+            steps of the group and whenever ``state_dict()``, ``eval()``/``train()`` or
+            ``step_record()`` read it.
         evaluation: how :meth:`eval` switches to ``w - mu m``. ``"exact"`` (default) keeps a copy of
             the training weights (+1x parameter memory while in eval mode) and :meth:`train`
             restores them bit for bit, so evaluating never changes a training run. ``"in_place"``
@@ -135,29 +138,22 @@ class Neumann(EvaluationWeights, Optimizer):
             ``w`` to within float rounding (one rounding per switch; training is then no longer
             bit-identical to a run without evaluations). For models whose weights do not fit
             twice in memory.
-        foreach: use the multi-tensor ``torch._foreach_*`` kernels; ``None`` picks them when
-            all parameters are on an accelerator and the for-loop on CPU (as ``torch.optim``). An
-            explicit ``True`` or ``False`` is honoured: the fused paths then run only if
-            ``fused=True``.
-        fused: one pass over the tensors per step. On CPU (float32 or float64, contiguous) a small C
-            kernel of ours (``_native.c``, compiled at first use with the system C compiler and
-            OpenMP, about a second, cached on disk) that also sums the norm ``||w - v||`` the next
-            step needs, so a step moves Adam's 28 bytes per parameter. That norm is carried from
-            step to step while the tensors' version counters show no change; an in-place change
-            that torch sees (``p.mul_()``, ``load_state_dict``, ``eval()``) makes the next step sum
-            it afresh. A write through ``.data`` is not seen: the next step's regularizer then
-            uses the norm from before that write (that one step only; its pass sums the true
-            norm again). Elsewhere (CUDA, other dtypes, where the kernel
-            does not compile, inside ``torch.compile``) one ``torch.compile``d graph: the group norm
-            (one read of ``w`` and ``v``), then the update; it compiles on the first step of each
-            phase (tens of seconds on CPU for a 100-tensor model, cached on disk) and falls back to
-            the multi-tensor path with a warning where compilation fails (before anything is
-            written); an error while the compiled graph runs propagates, leaving parameters and
-            state as it found them (the step counters not advanced). ``None`` (default): the
-            CPU kernel wherever it applies (dense tensors whose ``w``, ``g``, ``m``, ``v`` share their
-            strides, channels_last included) and ``foreach`` is not given; else the multi-tensor
-            step, or ``foreach``'s choice. ``None`` never compiles: only ``fused=True`` does.
-            ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the CPU kernel off.
+        foreach: ``True``: the multi-tensor ``torch._foreach_*`` step; ``False``: the for-loop;
+            ``None``: the C kernel where it applies (and ``fused`` allows), else multi-tensor.
+        fused: ``True``: one pass over each tensor per step. On CPU (float32/float64, dense tensors
+            whose ``w``, ``g``, ``m``, ``v`` share their strides) a C kernel of ours (``_native.c``,
+            compiled at first use with the system C compiler, about a second, cached on disk) that
+            also sums the norm ``||w - v||`` the next step needs, so a regular step moves Adam's 28
+            bytes per parameter; the carried norm is summed afresh after any in-place change torch
+            sees (a write through ``.data`` is seen one step late). Elsewhere (accelerators, other
+            dtypes) the device-scheduled step (``capturable``'s) as one ``torch.compile``d graph: the
+            first step compiles (tens of seconds on CPU, cached on disk); where compilation fails it
+            falls back to the multi-tensor step with a warning. ``None`` (default): the C kernel where
+            it applies and ``foreach`` is not given, else the multi-tensor step; it never compiles.
+            ``NEUMANN_OPTIMIZER_NATIVE=0`` turns the C kernel off.
+        capturable: keep the schedule's counters and the finite check on the parameters' device, so
+            ``step()`` reads nothing on the host and a CUDA graph can capture it (``torch.optim``'s
+            name). It runs the device-scheduled step eagerly, one tensor at a time.
         total_steps: the run's length in steps, if known: warns (:class:`ScheduleWarning`) when the
             burn-in is more than a quarter of it (a short run would be mostly plain SGD).
     """
@@ -260,10 +256,8 @@ class Neumann(EvaluationWeights, Optimizer):
             self._plain.pop(len(self.param_groups) - 1, None)
         group = self.param_groups[-1]
         validate_group(group)
-        for key, default in COUNTERS.items():
-            group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
         split_momentum(group)
-        group.setdefault("reference_lr", float(group["lr"]))
+        upgrade_group(group)
         if not all(g["train_mode"] for g in self.param_groups):
             raise RuntimeError("Neumann: call optimizer.train() before adding a parameter group")
         for p in group["params"]:
@@ -279,30 +273,12 @@ class Neumann(EvaluationWeights, Optimizer):
         self.__dict__.setdefault("_sched", {})
         self.__dict__["_unsynced"] = {}
         self.__dict__.setdefault("_total_steps", None)
-        for group in self.param_groups:
-            group.setdefault("nonfinite", "skip")
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("capturable", False)
-            group.setdefault("regularizer_schedule", "constant")
-            group.setdefault("evaluation", "exact")
-            group.setdefault("reference_lr", float(group["lr"]))
-            for key, default in COUNTERS.items():
-                group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
-            upgrade_momentum(group)
+        for group in self.param_groups:  # (state dicts of earlier versions lack some keys)
+            upgrade_group(group)
 
     def __repr__(self) -> str:
         self._sync_counters()
-        keys = ("lr", *EPOCH_DEFAULTS, "reset_growth", "momentum_bounds", "momentum", "cubic_weight")
-        keys += ("repulsive_weight", "ema_decay")
-        keys += ("weight_decay", "regularizer_schedule")
-        lines = [f"{type(self).__name__} ("]
-        for i, group in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            lines += [f"    {k}: {group[k]}" for k in keys]
-            lines.append(f"    step: {group['step']}  (skipped: {group['skipped_steps']})")
-        lines.append(")")
-        return "\n".join(lines)
+        return describe_groups(type(self).__name__, self.param_groups)
 
     def _param_name(self, gi: int, pi: int) -> str:
         group = self.param_groups[gi]
@@ -320,22 +296,7 @@ class Neumann(EvaluationWeights, Optimizer):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"Neumann does not support sparse gradients ({self._param_name(gi, pi)})")
-                if p.grad.is_complex() != p.is_complex():
-                    raise RuntimeError(f"Neumann: gradient and {self._param_name(gi, pi)} differ in complexity")
-                if p.device.type == "meta" or p.grad.device.type == "meta":
-                    raise RuntimeError(
-                        f"Neumann: {self._param_name(gi, pi)} is on the meta device; materialise the parameters "
-                        "(e.g. module.to_empty(device=...) and initialise them) before the first step"
-                    )
-                if p.grad.device != p.device or p.grad.dtype != p.dtype:
-                    raise RuntimeError(
-                        f"Neumann: the gradient of {self._param_name(gi, pi)} is {p.grad.dtype} on {p.grad.device}, "
-                        f"the parameter {p.dtype} on {p.device}; they must match"
-                    )
-                if not p.is_floating_point() and not p.is_complex():
-                    raise RuntimeError(f"Neumann: {self._param_name(gi, pi)} is {p.dtype}; only float and complex")
+                check_gradient(p, lambda gi=gi, pi=pi: self._param_name(gi, pi))
                 idx.append(pi)
                 ps.append(p)
                 gs.append(p.grad)
@@ -397,26 +358,11 @@ class Neumann(EvaluationWeights, Optimizer):
                 self._unsynced[gi] = 0
         return loss
 
-    def _buffers(self, group: dict[str, Any], params: list[Tensor], lean: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """Each parameter's ``m`` and ``v`` (created at its first step; a lean group keeps no ``v``)."""
-        ms, vs = [], []
-        for p in params:
-            state = self.state[p]
-            if "m" not in state:
-                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if lean:
-                state.pop("v", None)  # no regularizer: the step needs no v (memory as SGD's)
-            elif "v" not in state:  # w_0 at the first step; the current weights once a regularizer is on
-                state["v"] = p.detach().to(dtype=v_dtype(p), memory_format=torch.preserve_format, copy=True)
-            ms.append(state["m"])
-            vs.append(state.get("v"))
-        return ms, vs
-
     def _graph_step(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
         """A step traced by ``torch.compile``: the schedule as device tensors (see ``_graph_step``)."""
         group = self.param_groups[gi]
         lean = is_lean(group)
-        ms, vs = self._buffers(group, params, lean)
+        ms, vs = buffers(self.state, params, lean)
         sched = schedule_of(self, gi, params)
         self._unsynced.pop(gi, None)  # the host counters no longer follow the device ones
         n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
@@ -439,7 +385,7 @@ class Neumann(EvaluationWeights, Optimizer):
             group["momentum_bounds"] = None  # a scheduler took over the momentum, for good
         fac = factors(group["step"], group["next_reset"], group)
         lean = is_lean(group)
-        ms, vs = self._buffers(group, params, lean)
+        ms, vs = buffers(self.state, params, lean)
         vs_ = None if lean else vs
         lr = group["lr"] if device else float(group["lr"])  # (a tensor lr stays one on the device step)
         sq: Any = None
@@ -467,9 +413,6 @@ class Neumann(EvaluationWeights, Optimizer):
     def _local(self, gi: int, ts: list[Tensor]) -> list[Tensor]:
         """The real local tensors the kernels work on: ``ts`` itself for a plain group."""
         return ts if self._is_plain(gi) else [_real(local_tensor(t)) for t in ts]
-
-    def _use_fused(self, group: dict[str, Any], lw: list[Tensor]) -> bool:
-        return use_fused(self, group, lw)
 
     def step_record(self, group: int = 0) -> dict[str, Any] | None:
         """What the last applied step of param group ``group`` did, as plain Python numbers
