@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# the device the step tests put their tensors on: NEUMANN_TEST_DEVICE=cuda python -m pytest
+# tests/test_reference.py tests/test_fused.py tests/test_capturable.py runs the float64 reference, the
+# path matrix and the skip tests there (ElementwiseProblem's parameters, and with them every state
+# tensor and gradient); on CPU nothing changes
+DEVICE = torch.device(os.environ.get("NEUMANN_TEST_DEVICE", "cpu"))
 
 
 class ElementwiseProblem:
@@ -24,14 +31,14 @@ class ElementwiseProblem:
         self.a = [[rng.uniform(0.2, 2.0, size=s) for s in shapes] for shapes in group_shapes]
         self.c = [[rng.normal(size=s) for s in shapes] for shapes in group_shapes]
         self.w0 = [[rng.normal(size=s) for s in shapes] for shapes in group_shapes]
-        self.params = [[torch.tensor(w, dtype=dtype, requires_grad=True) for w in ws] for ws in self.w0]
+        self.params = [[torch.tensor(w, dtype=dtype, device=DEVICE, requires_grad=True) for w in ws] for ws in self.w0]
 
     def set_grads(self) -> None:
         with torch.no_grad():
             for ps, as_, cs in zip(self.params, self.a, self.c, strict=True):
                 for p, a, c in zip(ps, as_, cs, strict=True):
-                    a_t = torch.as_tensor(a, dtype=p.dtype)
-                    c_t = torch.as_tensor(c, dtype=p.dtype)
+                    a_t = torch.as_tensor(a, dtype=p.dtype, device=p.device)
+                    c_t = torch.as_tensor(c, dtype=p.dtype, device=p.device)
                     p.grad = a_t * (p - c_t) + 0.3 * torch.sin(3 * p)
 
     def np_grad(self, gi: int, w_flat: np.ndarray) -> np.ndarray:
@@ -44,7 +51,7 @@ class ElementwiseProblem:
 
 
 def flat(ts) -> np.ndarray:
-    return torch.cat([t.detach().reshape(-1).double() for t in ts]).numpy()
+    return torch.cat([t.detach().reshape(-1).double() for t in ts]).cpu().numpy()
 
 
 @pytest.fixture

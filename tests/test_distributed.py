@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, engine: str, out_dir: str) -> None:
         eval_dev=eval_dev,
         restored=restored,
         fused_failed=opt._fused_failed,
-        native=bool(opt._carried),
+        native=any(opt._carried.values()),
         resets=opt.param_groups[0]["next_reset"],
         step=opt.param_groups[0]["step"],
     )

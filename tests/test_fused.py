@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ElementwiseProblem
 
-from neumann_optimizer import Neumann, _graph_step, _native
+from neumann_optimizer import Neumann, _graph_step, _native, _paths
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
@@ -186,7 +186,7 @@ def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
 
 def test_default_path_choice():
     opt = Neumann([torch.nn.Parameter(torch.zeros(10))], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"})
-    assert not paths_module.use_fused(opt, opt.param_groups[0], opt.param_groups[0]["params"])
+    assert not _paths.use_fused(opt, opt.param_groups[0], opt.param_groups[0]["params"])
     # the CPU kernel: the default on CPU, and for fused=True; not for an explicit foreach choice
     for kwargs, native in [({}, True), ({"fused": True}, True), ({"foreach": True}, False), ({"fused": False}, False)]:
         p = torch.nn.Parameter(torch.ones(10))

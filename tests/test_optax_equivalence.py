@@ -110,7 +110,7 @@ def test_defaults_and_argument_names_match_the_pytorch_class():
     jax_sig = inspect.signature(neumann_optax.neumann).parameters
     torch_sig = inspect.signature(Neumann.__init__).parameters
     # total_steps: a warning about the burn-in's share of a run, for PyTorch loops and trainers
-    torch_only = {"self", "params", "lr", "nonfinite", "evaluation", "foreach", "fused", "total_steps"}
+    torch_only = {"self", "params", "lr", "nonfinite", "evaluation", "foreach", "fused", "capturable", "total_steps"}
     for name, p in torch_sig.items():
         if name in torch_only:
             continue
