@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from neumann_optimizer import Neumann, _graph_step
 from neumann_optimizer.optimizer import DivergedWarning
@@ -19,7 +20,7 @@ READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "num
 
 def _params(dtype=torch.float32):
     torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)), torch.nn.Parameter(torch.randn(4, dtype=dtype))]
+    return [torch.nn.Parameter(torch.randn(*s, dtype=dtype).to(DEVICE)) for s in ((5, 3), (4,))]
 
 
 def _grads(params, i, bad):
@@ -105,7 +106,7 @@ def test_no_host_read_between_the_periodic_ones(monkeypatch):
     bad = {5: float("nan"), 150: float("inf")}
     _, _, host_reads = _run(False, monkeypatch, 20)
     assert sorted(set(host_reads)) == list(range(1, 21))
-    _, opt, reads = _run(True, monkeypatch, steps, bad, lr=torch.tensor(0.05))
+    _, opt, reads = _run(True, monkeypatch, steps, bad, lr=torch.tensor(0.05, device=DEVICE))
     assert sorted(set(reads)) == [_graph_step.SYNC_EVERY, 2 * _graph_step.SYNC_EVERY]
     group = opt.state_dict()["param_groups"][0]
     assert (group["step"], group["skipped_steps"]) == (steps - 2, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ElementwiseProblem, flat
+from conftest import DEVICE, ElementwiseProblem, flat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import RefGroup
@@ -150,8 +150,8 @@ def test_reduces_to_sgd_nesterov():
     """alpha = beta = 0, no burn-in, constant momentum, no reset after the first: Nesterov SGD
     (torch's form, with m = -lr * buf) on the displaced weights."""
     torch.manual_seed(0)
-    model_a = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    model_b = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    model_a = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double().to(DEVICE)
+    model_b = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double().to(DEVICE)
     model_b.load_state_dict(model_a.state_dict())
     lr, mu = 0.05, 0.9
     opt_a = Neumann(
@@ -165,8 +165,8 @@ def test_reduces_to_sgd_nesterov():
         repulsive_weight=0.0,
     )
     opt_b = torch.optim.SGD(model_b.parameters(), lr=lr, momentum=mu, nesterov=True)
-    x = torch.randn(64, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (64,))
+    x = torch.randn(64, 6, dtype=torch.float64).to(DEVICE)
+    y = torch.randint(0, 3, (64,)).to(DEVICE)
     for step in range(30):
         xb, yb = x[(step % 4) * 16 : (step % 4 + 1) * 16], y[(step % 4) * 16 : (step % 4 + 1) * 16]
         for model, opt in ((model_a, opt_a), (model_b, opt_b)):
