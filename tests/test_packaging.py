@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -181,5 +182,24 @@ def test_device_check_says_in_one_line_that_there_is_no_gpu():
         env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert res.returncode == 0 and res.stdout.strip().splitlines() == [
-        "device_check: no CUDA device here; nothing measured (run it on a GPU machine)"
+        "device_check: no CUDA device here; nothing checked or measured (run it on a GPU machine)"
     ], (res.stdout, res.stderr[-2000:])
+
+
+def test_device_check_fails_a_path_that_skips_float16_steps(monkeypatch):
+    """The GPU script's check can fail: with the finite check that once reduced float16 gradients
+    in float16 (their L1 norm overflows, so every step was skipped) its float16 row is not ok;
+    with the library's own check, every row of the non-compiled paths passes (here on CPU)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import device_check
+
+    from neumann_optimizer import _nonfinite
+
+    for path in ("Neumann() default", "Neumann(capturable=True)"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            row = device_check.check_path(path, dtype, "cpu")
+            assert row["ok"] and row["max_abs_err"] < row["tol"] / 4, row
+    overflowing = lambda grads: torch.isfinite(torch.stack(torch._foreach_norm(grads, 1))).all()  # noqa: E731
+    monkeypatch.setattr(_nonfinite, "finite_tensor", overflowing)
+    row = device_check.check_path("Neumann() default", torch.float16, "cpu")
+    assert not row["ok"] and row["step"] == 0 and row["skipped"] == 10, row
