@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._hyperparams import is_lean, real_numel, regularizer_scale
 from ._nonfinite import finite_tensor, warn_skips
+from .functional import regularizer_coefficient, squared_distance
 from .schedule import COUNTER_KEYS, HOST, Phase, TensorOps, advance, factors
 
 SYNC_EVERY = 100  # a device-scheduled group's host counters are read at least this often (its steps)
@@ -82,14 +83,11 @@ def graph_step(
     lr = group["lr"]
     lr = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=dev)
     coef, sq = ops._t(0.0), ops._t(math.nan)
-    if vs is not None:  # the regularizer: r over the group, c = alpha r - beta / r^3 on regular steps
-        sq = sum(((w.to(f) - v.to(f)) ** 2).sum() for w, v in zip(params, vs, strict=True))
-        r = sq.sqrt()  # type: ignore[union-attr]
+    if vs is not None:  # the regularizer, on regular steps: r over the group, c = alpha r - beta / r^3
+        sq = squared_distance(params, vs, foreach=not torch.compiler.is_compiling())
         scale = regularizer_scale(group, lr)
-        alpha, beta = scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
-        active = ops.and_(ops.not_(fac.in_burn | fac.is_reset), torch.isfinite(r) & (r > 0))
-        safe = torch.where(active, r, ops._t(1.0))
-        coef = torch.where(active, alpha * safe - beta / (safe * safe * safe), ops._t(0.0))
+        c = regularizer_coefficient(sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * n)
+        coef = torch.where(ops.not_(fac.in_burn | fac.is_reset), c, coef)
     b = fac.beta * lr
     wd = group["weight_decay"]
 

@@ -7,8 +7,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from .functional import regularizer_coefficient
 from .schedule import constant_momentum
 
 NONFINITE_MODES = ("skip", "raise", "ignore")
@@ -199,7 +201,7 @@ def describe_step(step: int, plan: Any, lr: float, sq: Any, alpha: float, beta: 
         ok = math.isfinite(r) and r > 0
         out.update(
             distance=r,
-            coefficient=alpha * r - beta / r**3 if ok else 0.0,
+            coefficient=float(regularizer_coefficient(torch.tensor(r, dtype=torch.float64), alpha, beta)),
             repulsive_force=beta / r**2 if ok else 0.0,
             cubic_force=alpha * r**2 if ok else 0.0,
         )

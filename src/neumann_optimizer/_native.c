@@ -8,13 +8,15 @@
  * thread, so threads get equal work whatever the tensor sizes.
  *
  * Phases: 0 burn-in (w -= lr g), 1 reset (m = -lr g), 2 regular (d = g + coef (w - v)).
- * neumann_lean_step_* serves groups whose regularizers are both 0: no v and no norm (d = g).
+ * v NULL is the lean step of groups whose regularizers are both 0: no v and no norm (d = g), a
+ * branch outside the loop.
  * A reset reads m (and scales it by 0): resets are rare, and one loop serves both.
  * g includes weight decay, g + wd w, always computed: with wd = 0 it is g exactly (for finite w),
  * and a branch in the loop made it 3x slower (measured). Sums of squares run in blocks of BLOCK
  * elements in the parameter type (vectorised), blocks added in double.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -62,6 +64,21 @@ static int threads_for(int64_t total, int nthreads) { return total < 32768 ? 1 :
     static double seg_step_##SUFFIX(T *restrict w, const T *restrict g, T *restrict m, T *restrict v,   \
                                     int64_t n, int phase, T lr, T mu, T coef, T keep, T wd) {          \
         double total = 0.0;                                                                         \
+        if (v == NULL) { /* the lean step: no v, no norm; w and m as fused Nesterov SGD (20 B) */     \
+            const T mscale = phase == 1 ? 0 : mu;                                                    \
+            if (phase == 0) {                                                                       \
+                _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) w[k] -= lr * (g[k] + wd * w[k]);   \
+            } else {                                                                                \
+                _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                \
+                    T wk = w[k];                                                                    \
+                    T d = g[k] + wd * wk;                                                           \
+                    T mn = mscale * m[k] - lr * d;                                                  \
+                    m[k] = mn;                                                                      \
+                    w[k] = wk + mu * mn - lr * d;                                                   \
+                }                                                                                   \
+            }                                                                                       \
+            return 0.0;                                                                             \
+        }                                                                                           \
         for (int64_t s = 0; s < n; s += BLOCK) {                                                    \
             int64_t e = s + BLOCK < n ? s + BLOCK : n;                                               \
             T acc = 0;                                                                              \
@@ -107,24 +124,6 @@ static int threads_for(int64_t total, int nthreads) { return total < 32768 ? 1 :
         return total;                                                                               \
     }                                                                                               \
                                                                                                     \
-    /* The lean step (both regularizers 0): no v, no norm; reads g, w, m and writes w, m, as a   \
-     * fused SGD step with Nesterov momentum does (20 bytes per float32 parameter). */           \
-    static void seg_lean_##SUFFIX(T *restrict w, const T *restrict g, T *restrict m, int64_t n,        \
-                                  int phase, T lr, T mu, T wd) {                                    \
-        if (phase == 0) {                                                                           \
-            _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) w[k] -= lr * (g[k] + wd * w[k]);       \
-            return;                                                                                 \
-        }                                                                                           \
-        const T mscale = phase == 1 ? 0 : mu;                                                       \
-        _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                        \
-            T wk = w[k];                                                                            \
-            T d = g[k] + wd * wk;                                                                   \
-            T mn = mscale * m[k] - lr * d;                                                          \
-            m[k] = mn;                                                                              \
-            w[k] = wk + mu * mn - lr * d;                                                           \
-        }                                                                                           \
-    }                                                                                               \
-                                                                                                    \
     static int seg_finite_##SUFFIX(const T *restrict g, int64_t n) {                                 \
         for (int64_t s = 0; s < n; s += BLOCK) {                                                    \
             int64_t e = s + BLOCK < n ? s + BLOCK : n;                                               \
@@ -142,7 +141,7 @@ static int threads_for(int64_t total, int nthreads) { return total < 32768 ? 1 :
         double sq = 0.0;                                                                            \
         _Pragma("omp parallel num_threads(threads_for(total, nthreads)) reduction(+ : sq)")         \
         FOR_MY_SEGMENTS(ntensors, numel, total, 1,                                                   \
-                        sq += seg_step_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, v[i] + s, e - s, phase,   \
+                        sq += seg_step_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, v ? v[i] + s : NULL, e - s, phase,   \
                                                 (T)lr, (T)mu, (T)coef, (T)keep, (T)wd))              \
         return sq;                                                                                  \
     }                                                                                               \
@@ -153,14 +152,6 @@ static int threads_for(int64_t total, int nthreads) { return total < 32768 ? 1 :
         _Pragma("omp parallel num_threads(threads_for(total, nthreads)) reduction(+ : sq)")         \
         FOR_MY_SEGMENTS(ntensors, numel, total, 1, sq += seg_sqdist_##SUFFIX(w[i] + s, v[i] + s, e - s)) \
         return sq;                                                                                  \
-    }                                                                                               \
-                                                                                                    \
-    void neumann_lean_step_##SUFFIX(int64_t ntensors, T **w, T **g, T **m, const int64_t *numel,     \
-                                    int phase, double lr, double mu, double wd, int nthreads) {       \
-        int64_t total = total_numel(ntensors, numel);                                               \
-        _Pragma("omp parallel num_threads(threads_for(total, nthreads))")                          \
-        FOR_MY_SEGMENTS(ntensors, numel, total, 1,                                                   \
-                        seg_lean_##SUFFIX(w[i] + s, g[i] + s, m[i] + s, e - s, phase, (T)lr, (T)mu, (T)wd)) \
     }                                                                                               \
                                                                                                     \
     int neumann_all_finite_##SUFFIX(int64_t ntensors, T **g, const int64_t *numel, int nthreads) {   \

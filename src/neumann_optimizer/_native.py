@@ -48,7 +48,6 @@ __all__ = [
     "DTYPES",
     "all_finite",
     "available",
-    "lean_step",
     "library",
     "library_path",
     "squared_distance",
@@ -257,10 +256,6 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_double
                 fn.argtypes = [ctypes.c_int64, ptrs, ptrs, ptrs, ptrs, i64p, ctypes.c_int]
                 fn.argtypes += [ctypes.c_double] * 5 + [ctypes.c_int]
-                fn = getattr(lib, f"neumann_lean_step_{suffix}")
-                fn.restype = None
-                fn.argtypes = [ctypes.c_int64, ptrs, ptrs, ptrs, i64p, ctypes.c_int]
-                fn.argtypes += [ctypes.c_double] * 3 + [ctypes.c_int]
                 fn = getattr(lib, f"neumann_sqdist_{suffix}")
                 fn.restype = ctypes.c_double
                 fn.argtypes = [ctypes.c_int64, ptrs, ptrs, i64p, ctypes.c_int]
@@ -336,27 +331,11 @@ def sizes(tensors: list[Tensor]) -> ctypes.Array:
     return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
 
 
-_VERSIONS_OF_LISTS = True  # torch.autograd.graph.increment_version takes a list (torch >= 2.5)
-
-
-def _bump_versions(tensors: list[Tensor]) -> None:
-    """Bump the version counters of tensors the kernel wrote, as an in-place torch op would."""
-    global _VERSIONS_OF_LISTS
-    if _VERSIONS_OF_LISTS:
-        try:
-            torch.autograd.graph.increment_version(tensors)
-            return
-        except (RuntimeError, TypeError):  # torch < 2.5: one tensor at a time
-            _VERSIONS_OF_LISTS = False
-    for t in tensors:
-        torch.autograd.graph.increment_version(t)
-
-
 def step(
     params: list[Tensor],
     grads: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     *,
     phase: str,
     lr: float,
@@ -366,6 +345,8 @@ def step(
     weight_decay: float,
 ) -> float:
     """One step of the group in place (``keep = 1 - gamma``); returns ``sum ||w - v||^2`` after it.
+    ``vs=None``: the lean step (both regularizers 0: no ``v``, no norm; returns 0), reading ``g``,
+    ``w``, ``m`` and writing ``w``, ``m`` as a fused SGD step with Nesterov momentum does.
 
     Bumps the version counters of the tensors it writes, as an in-place torch op would.
     """
@@ -376,7 +357,7 @@ def step(
         pointers(params),
         pointers(grads),
         pointers(ms),
-        pointers(vs),
+        pointers(vs) if vs is not None else None,
         sizes(params),
         PHASE_CODES[phase],
         lr,
@@ -386,37 +367,9 @@ def step(
         weight_decay,
         torch.get_num_threads(),
     )
-    _bump_versions(params if phase == "burn_in" else [*params, *ms, *vs])
+    written = params if phase == "burn_in" else [*params, *ms, *(vs or [])]
+    torch.autograd.graph.increment_version(written)  # as an in-place torch op would
     return float(sq)
-
-
-def lean_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    *,
-    phase: str,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> None:
-    """One lean step of the group in place (both regularizers 0: no ``v``, no norm); reads ``g``,
-    ``w``, ``m`` and writes ``w``, ``m``, as a fused SGD step with Nesterov momentum does."""
-    lib = library()
-    assert lib is not None
-    getattr(lib, f"neumann_lean_step_{DTYPES[params[0].dtype]}")(
-        len(params),
-        pointers(params),
-        pointers(grads),
-        pointers(ms),
-        sizes(params),
-        PHASE_CODES[phase],
-        lr,
-        momentum,
-        weight_decay,
-        torch.get_num_threads(),
-    )
-    _bump_versions(params if phase == "burn_in" else [*params, *ms])
 
 
 def squared_distance(params: list[Tensor], vs: list[Tensor]) -> float:

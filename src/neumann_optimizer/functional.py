@@ -21,7 +21,6 @@ to the last bit on CPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -328,15 +327,6 @@ def neumann(
     return sq
 
 
-def _coefficient(sq: float, alpha: float, beta: float) -> float:
-    """:func:`functional.regularizer_coefficient` on the host: ``alpha r - beta / r^3``, or 0 where
-    ``r = sqrt(sq)`` is 0 or not finite."""
-    r = math.sqrt(sq) if sq >= 0 else math.nan
-    if not (math.isfinite(r) and r > 0):
-        return 0.0
-    return alpha * r - beta / (r * r * r)
-
-
 def _signature(lw: list[Tensor], lv: list[Tensor]) -> tuple:
     """Which tensors, where their data lies, and their version counters (bumped by every in-place
     change torch sees; not by writes through ``.data``)."""
@@ -370,16 +360,12 @@ def _native_neumann(
     and ``v``). ``lv`` ``None``: the lean step (no ``v``, no norm)."""
     from . import _native
 
-    if lv is None:
-        carry.clear()
-        _native.lean_step(lw, lg, lm, phase=phase.value, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        return None
     coef, sq = 0.0, None
-    if phase is Phase.NEUMANN:
+    if phase is Phase.NEUMANN and lv is not None:
         sq = carry["sq"] if carry.get("signature") == _signature(lw, lv) else _native.squared_distance(lw, lv)
         if reduce is not None:  # local sum of the shards -> sum over ranks
             sq = float(reduce(torch.tensor(sq, dtype=torch.float64)))
-        coef = _coefficient(sq, alpha, beta)
+        coef = float(regularizer_coefficient(torch.tensor(sq, dtype=torch.float64).sqrt(), alpha, beta))
     sq_next = _native.step(
         lw,
         lg,
@@ -392,5 +378,8 @@ def _native_neumann(
         keep=1.0 - ema_decay,
         weight_decay=weight_decay,
     )
-    carry.update(signature=_signature(lw, lv), sq=sq_next)
+    if lv is None:
+        carry.clear()
+    else:
+        carry.update(signature=_signature(lw, lv), sq=sq_next)
     return sq
