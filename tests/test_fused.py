@@ -187,7 +187,7 @@ def test_failure_while_the_compiled_step_runs_propagates(monkeypatch):
 
 def test_default_path_choice():
     opt = Neumann([torch.nn.Parameter(torch.zeros(10))], lr=0.1, **{k: v for k, v in HP.items() if k != "lr"})
-    assert not _paths.use_fused(opt, opt.param_groups[0], opt.param_groups[0]["params"])
+    assert _paths.device_scheduled(opt, 0, opt.param_groups[0]["params"]) is None
     # the CPU kernel: the default on CPU, and for fused=True; not for an explicit foreach choice
     for kwargs, native in [({}, True), ({"fused": True}, True), ({"foreach": True}, False), ({"fused": False}, False)]:
         p = torch.nn.Parameter(torch.ones(10))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -149,19 +150,16 @@ def schedule_of(opt: Any, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
 
 
 # what a compiled step reads of its group besides lr: constants of the group (their guards hold)
-STATIC_KEYS = (
+# ("momentum" is read only where a scheduler took the momentum over: momentum_bounds None)
+STATIC_KEYS = [
     "burn_in_steps",
     "momentum_bounds",
-    "momentum",  # (read only where a scheduler took the momentum over: momentum_bounds None)
+    "momentum",
     "momentum_ramp_steps",
     "cubic_weight",
     "repulsive_weight",
-    "ema_decay",
-    "weight_decay",
-    "reset_growth",
-    "regularizer_schedule",
-    "reference_lr",
-)
+]
+STATIC_KEYS += ["repulsive_weight", "ema_decay", "weight_decay", "reset_growth", "regularizer_schedule", "reference_lr"]
 _COMPILED: dict[tuple, Callable[..., Any]] = {}
 
 
@@ -209,8 +207,6 @@ def device_update(
     lr = group["lr"]
     static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=params[0].device)
     if compiled:
-        from ._paths import compile_failed, fused_fallback
-
         shapes = hash(tuple(tuple(t.shape) for t in params))
         key = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, constants)
         try:
@@ -222,6 +218,25 @@ def device_update(
             fused_fallback(opt, exc)  # compilation failed before anything was written
     graph_step(static, sched, params, grads, ms, vs, None, n, check)
     return sched["sq"].clone()
+
+
+def compile_failed(exc: BaseException) -> bool:
+    """``exc`` comes from compiling the graph (dynamo's tracing or the backend's compiler), which
+    happens before the graph runs, so nothing was written; an error raised while the compiled graph
+    runs (out of memory, say) is not one of these."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def fused_fallback(opt: Any, exc: Exception) -> None:
+    opt._fused_failed = True
+    warnings.warn(
+        f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
+        "falling back to the multi-tensor path",
+        RuntimeWarning,
+        stacklevel=6,
+    )
 
 
 def sync_counters(opt: Any, skip: AbstractSet[int] = frozenset(), only: int | None = None) -> None:

@@ -236,8 +236,8 @@ def upgrade_group(group: dict[str, Any]) -> None:
         group.setdefault(key, default)
     group.setdefault("evaluation", "exact")
     group.setdefault("reference_lr", float(group["lr"]))
-    for key, default in COUNTERS.items():
-        group.setdefault(key, group["reset_steps"] if key == "reset_interval" else default)
+    for key, count in COUNTERS.items():
+        group.setdefault(key, group["reset_steps"] if key == "reset_interval" else count)
     upgrade_momentum(group)
 
 

@@ -44,17 +44,7 @@ try:
 except ImportError:  # (Windows, where the kernel is not built)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "DTYPES",
-    "all_finite",
-    "available",
-    "library",
-    "library_path",
-    "squared_distance",
-    "step",
-    "supports",
-    "unavailable_reason",
-]
+# (a private module: the optimizer's fused path calls step, squared_distance and all_finite)
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 PHASE_CODES = {"burn_in": 0, "reset": 1, "neumann": 2}
@@ -352,21 +342,9 @@ def step(
     """
     lib = library()
     assert lib is not None
-    sq = getattr(lib, f"neumann_step_{DTYPES[params[0].dtype]}")(
-        len(params),
-        pointers(params),
-        pointers(grads),
-        pointers(ms),
-        pointers(vs) if vs is not None else None,
-        sizes(params),
-        PHASE_CODES[phase],
-        lr,
-        momentum,
-        coef,
-        keep,
-        weight_decay,
-        torch.get_num_threads(),
-    )
+    fn = getattr(lib, f"neumann_step_{DTYPES[params[0].dtype]}")
+    arrays = (pointers(params), pointers(grads), pointers(ms), pointers(vs) if vs is not None else None, sizes(params))
+    sq = fn(len(params), *arrays, PHASE_CODES[phase], lr, momentum, coef, keep, weight_decay, torch.get_num_threads())
     written = params if phase == "burn_in" else [*params, *ms, *(vs or [])]
     torch.autograd.graph.increment_version(written)  # as an in-place torch op would
     return float(sq)

@@ -3,7 +3,6 @@ graph of ``_graph_step``), and the small helpers those paths share."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -13,15 +12,6 @@ from . import _native
 from . import functional as F
 from ._distributed import all_reduce_squared_norm
 from .schedule import Factors
-
-
-def compile_failed(exc: BaseException) -> bool:
-    """``exc`` comes from compiling the graph (dynamo's tracing or the backend's compiler), which
-    happens before the graph runs, so nothing was written; an error raised while the compiled graph
-    runs (out of memory, say) is not one of these."""
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(exc, TorchDynamoException)
 
 
 def _wants_native(group: dict[str, Any]) -> bool:
@@ -74,27 +64,6 @@ def update_group(
     )
 
 
-def fused_fallback(opt: Any, exc: Exception) -> None:
-    opt._fused_failed = True
-    warnings.warn(
-        f"Neumann: the fused (torch.compile) path failed ({type(exc).__name__}: {exc}); "
-        "falling back to the multi-tensor path",
-        RuntimeWarning,
-        stacklevel=6,
-    )
-
-
-def use_fused(opt: Any, group: dict[str, Any], lw: list[Tensor]) -> bool:
-    fused = group["fused"]  # (None: never compiled on the user's behalf, as torch.optim never does)
-    if not fused or opt._fused_failed:
-        return False
-    if len({(t.device, t.dtype) for t in lw}) != 1 or not lw[0].is_floating_point():
-        if group["fused"]:
-            raise RuntimeError("Neumann(fused=True) needs the parameters of a group on one device, in one dtype")
-        return False
-    return True
-
-
 def device_scheduled(opt: Any, gi: int, lw: list[Tensor]) -> str | None:
     """Whether group ``gi`` steps on its device schedule (``_graph_step``): ``"compiled"`` for
     ``fused=True`` where the CPU kernel does not apply, ``"eager"`` for ``capturable=True``; ``None``:
@@ -105,6 +74,7 @@ def device_scheduled(opt: Any, gi: int, lw: list[Tensor]) -> str | None:
         return None
     if group["capturable"]:
         return "eager"
-    if _wants_native(group) and _native.usable(lw):
+    # (fused=None never compiles on the user's behalf, as torch.optim never does)
+    if not group["fused"] or opt._fused_failed or group["momentum_bounds"] is None or _native.usable(lw):
         return None
-    return "compiled" if use_fused(opt, group, lw) and group["momentum_bounds"] is not None else None
+    return "compiled"

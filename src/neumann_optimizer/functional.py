@@ -229,7 +229,9 @@ def neumann_update(
         for a, b in _chunks(params):  # float32 copies of a chunk, rounded back once (burn-in: w alone)
             v = vs[a:b] if vs is not None else None
             up = [_upcast(ts) for ts in (params[a:b], grads[a:b], ms[a:b], v or [])]
-            neumann_update(*up[:3], up[3] if v is not None else None, weight_decay=weight_decay, foreach=foreach, **kw)
+            neumann_update(
+                up[0], up[1], up[2], up[3] if v is not None else None, weight_decay=weight_decay, foreach=foreach, **kw
+            )
             written = (params[a:b], ms[a:b], v or []) if phase is not Phase.BURN_IN else (params[a:b],)
             for dsts, srcs in zip(written, (up[0], up[2], up[3]), strict=False):
                 for dst, src in zip(dsts, srcs, strict=True):
@@ -284,21 +286,8 @@ def neumann(
 
     vs_ = vs if vs is not None else []
     if fused is not False and _native.usable(params, grads, ms, *([vs] if vs is not None else [])):
-        return _native_neumann(
-            params,
-            grads,
-            ms,
-            vs,
-            phase,
-            lr,
-            momentum,
-            ema_decay,
-            weight_decay,
-            cubic_weight,
-            repulsive_weight_total,
-            reduce,
-            carry if carry is not None else {},
-        )
+        hp = (phase, lr, momentum, ema_decay, weight_decay, cubic_weight, repulsive_weight_total, reduce)
+        return _native_neumann(params, grads, ms, vs, *hp, carry if carry is not None else {})
     if carry is not None:
         carry.clear()  # a step on another body: its norm was not summed
     foreach = True if foreach is None else foreach

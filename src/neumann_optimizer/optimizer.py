@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,13 +36,7 @@ from ._hyperparams import (
     upgrade_group,
     validate_group,
 )
-from ._nonfinite import (
-    DIVERGED_AFTER,
-    DivergedWarning,
-    count_skip,
-    finite_flags,
-    raise_nonfinite,
-)
+from ._nonfinite import DIVERGED_AFTER, DivergedWarning, count_skip, finite_flags, raise_nonfinite
 from ._paths import _real, device_scheduled, update_group
 from .schedule import COUNTER_KEYS, Phase, advance, factors, scheduler_wrote_momentum
 
@@ -266,13 +261,9 @@ class Neumann(EvaluationWeights, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_plain", {})
-        self.__dict__.setdefault("_fused_failed", False)
-        self.__dict__["_carried"] = {}
-        self.__dict__["_records"] = {}
-        self.__dict__.setdefault("_sched", {})
-        self.__dict__["_unsynced"] = {}
-        self.__dict__.setdefault("_total_steps", None)
+        for key, value in dict(_plain={}, _fused_failed=False, _sched={}, _total_steps=None).items():
+            self.__dict__.setdefault(key, value)
+        self.__dict__.update(_carried={}, _records={}, _unsynced={})  # (caches of the live tensors)
         for group in self.param_groups:  # (state dicts of earlier versions lack some keys)
             upgrade_group(group)
 
@@ -296,7 +287,7 @@ class Neumann(EvaluationWeights, Optimizer):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                check_gradient(p, lambda gi=gi, pi=pi: self._param_name(gi, pi))
+                check_gradient(p, partial(self._param_name, gi, pi))
                 idx.append(pi)
                 ps.append(p)
                 gs.append(p.grad)

@@ -258,8 +258,9 @@ def contrast_table(
             if not hit:
                 row.append("—")
                 continue
-            mine, theirs = results[ref][b].smallest, results[name][b].smallest
-            said = f"{mine.n_reached} of {len(mine.hits)} vs {theirs.n_reached} of {len(theirs.hits)} reached"  # type: ignore[union-attr]
+            a, z = results[ref][b].smallest, results[name][b].smallest
+            assert a is not None and z is not None  # (a contrast exists only where both have reporting seeds)
+            said = f"{a.n_reached} of {len(a.hits)} vs {z.n_reached} of {len(z.hits)} reached"
             row.append(said_steps(hit[0], said, n))
             if hit[0] is not None:
                 out.setdefault(name, {})[str(b)] = {k: v for k, v in hit[0].items() if k != "ci90"}
