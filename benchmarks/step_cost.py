@@ -91,20 +91,16 @@ class CountingMode(TorchDispatchMode):
 @contextlib.contextmanager
 def counted_kernel(cost: Cost) -> Iterator[None]:
     """Count the C kernel's calls from what its loops touch (a ctypes call is opaque to dispatch)."""
-    saved = {k: getattr(_native, k) for k in ("step", "lean_step", "all_finite", "squared_distance")}
+    saved = {k: getattr(_native, k) for k in ("step", "all_finite", "squared_distance")}
 
     def touch(reads: list, writes: list) -> None:
         cost.kernels += 1
         cost.read += sum(t.nbytes for ts in reads for t in ts)
         cost.written += sum(t.nbytes for ts in writes for t in ts)
 
-    def step(w: list, g: list, m: list, v: list, **kw: Any) -> float:
-        touch([g, w, m, v], [w, m, v])
+    def step(w: list, g: list, m: list, v: list | None, **kw: Any) -> float:
+        touch([g, w, m, v or []], [w, m, v or []])  # (v None: the lean step, no v)
         return saved["step"](w, g, m, v, **kw)
-
-    def lean_step(w: list, g: list, m: list, **kw: Any) -> None:
-        touch([g, w, m], [w, m])
-        return saved["lean_step"](w, g, m, **kw)
 
     def all_finite(g: list) -> bool:
         touch([g], [])
@@ -114,7 +110,7 @@ def counted_kernel(cost: Cost) -> Iterator[None]:
         touch([w, v], [])
         return saved["squared_distance"](w, v)
 
-    fns = dict(step=step, lean_step=lean_step, all_finite=all_finite, squared_distance=squared_distance)
+    fns = dict(step=step, all_finite=all_finite, squared_distance=squared_distance)
     with mock.patch.multiple(_native, **fns):
         yield
 

@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .functional import regularizer_coefficient
@@ -201,7 +200,7 @@ def describe_step(step: int, plan: Any, lr: float, sq: Any, alpha: float, beta: 
         ok = math.isfinite(r) and r > 0
         out.update(
             distance=r,
-            coefficient=float(regularizer_coefficient(torch.tensor(r, dtype=torch.float64), alpha, beta)),
+            coefficient=regularizer_coefficient(r, alpha, beta),
             repulsive_force=beta / r**2 if ok else 0.0,
             cubic_force=alpha * r**2 if ok else 0.0,
         )

@@ -21,6 +21,7 @@ to the last bit on CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +39,12 @@ __all__ = [
 ]
 
 
-def regularizer_coefficient(r: Tensor, cubic_weight: float | Tensor, repulsive_weight_total: float | Tensor) -> Tensor:
-    """``c = alpha r - beta / r^3`` as a 0-d tensor, or 0 where ``r`` is 0 or not finite.
-
-    ``repulsive_weight_total`` is beta itself (``repulsive_weight * n``). No host sync.
-    """
+def regularizer_coefficient(r: Any, cubic_weight: Any, repulsive_weight_total: Any) -> Any:
+    """``c = alpha r - beta / r^3`` (beta: ``repulsive_weight_total = repulsive_weight * n``), or 0 where
+    ``r`` is 0 or not finite: a 0-d tensor for a tensor ``r`` (no host sync), a float for a float."""
+    if not isinstance(r, Tensor):
+        ok_ = math.isfinite(r) and r > 0
+        return cubic_weight * r - repulsive_weight_total / (r * r * r) if ok_ else 0.0
     ok = torch.isfinite(r) & (r > 0)
     safe_r = torch.where(ok, r, torch.ones_like(r))
     c = cubic_weight * safe_r - repulsive_weight_total / (safe_r * safe_r * safe_r)
@@ -354,7 +356,7 @@ def _native_neumann(
         sq = carry["sq"] if carry.get("signature") == _signature(lw, lv) else _native.squared_distance(lw, lv)
         if reduce is not None:  # local sum of the shards -> sum over ranks
             sq = float(reduce(torch.tensor(sq, dtype=torch.float64)))
-        coef = float(regularizer_coefficient(torch.tensor(sq, dtype=torch.float64).sqrt(), alpha, beta))
+        coef = regularizer_coefficient(math.sqrt(sq) if sq >= 0 else math.nan, alpha, beta)
     sq_next = _native.step(
         lw,
         lg,
