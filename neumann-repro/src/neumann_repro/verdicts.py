@@ -234,10 +234,13 @@ def said_steps(c: dict[str, Any] | None, reached: str, family: int) -> str:
         "inconclusive": "inconclusive",
         "no test": "no test",
     }[c["decision"]]
-    hi = "∞" if math.isinf(c["hi"]) else f"{c['hi']:.2f}"
-    lo = "0" if c["lo"] == 0 else f"{c['lo']:.2f}"
-    ratio = "∞" if math.isinf(c["ratio"]) else f"{c['ratio']:.2f}"
-    return f"x{ratio} (95%: {lo}-{hi}), {word} (Holm p = {c['p_holm']:.2g} in {family} tests; {reached})"
+
+    def num(x: float) -> str:  # (0 or infinite where misses, tied last, decide the shift)
+        return "0" if x == 0 else "∞" if math.isinf(x) else f"{x:.2f}"
+
+    ratio, lo, hi = num(c["ratio"]), num(c["lo"]), num(c["hi"])
+    why = ", the misses decide it" if ratio in ("0", "∞") else ""
+    return f"x{ratio} (95%: {lo}-{hi}{why}), {word} (Holm p = {c['p_holm']:.2g} in {family} tests; {reached})"
 
 
 ERROR_RULE = (
