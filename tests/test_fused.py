@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEVICE, ElementwiseProblem
 
-from neumann_optimizer import Neumann, _graph_step, _native, _paths
+from neumann_optimizer import Neumann, _graph_step, _native, _paths, functional
 
 pytestmark = pytest.mark.slow
 HP = dict(lr=0.1, burn_in_steps=2, reset_steps=3, momentum_ramp_steps=2, cubic_weight=0.05, repulsive_weight=1e-3)
@@ -372,3 +372,29 @@ def test_low_precision_gradients_whose_norm_overflows_still_step(path, dtype, mo
         ref.step()
     for p, r in zip(ps, ref_ps, strict=True):
         assert float(p.reshape(-1)[0]) == pytest.approx(float(r.reshape(-1)[0]), rel=2e-2)
+
+
+@pytest.mark.parametrize("path", [*PATHS, "foreach", "for-loop"])
+def test_every_path_steps_through_the_one_functional_entry(path, monkeypatch):
+    """``functional.neumann`` is the only update ``Neumann.step`` calls, on every path: once per group
+    and step, with the device schedule exactly where the path keeps one."""
+    calls: list[bool] = []
+    real = functional.neumann
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("schedule") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "neumann", counted)
+    if path == "foreach":
+        monkeypatch.setattr(_native, "available", lambda: False)
+    fused = (
+        {"foreach": None, "for-loop": False}.get(path)
+        if path in ("foreach", "for-loop")
+        else _select(monkeypatch, path)
+    )
+    _run(fused, torch.float64, steps=6)
+    assert len(calls) == 2 * 6  # two groups, six steps
+    assert set(calls) == {path in ("compiled", "capturable")}
+    with pytest.raises(TypeError, match="phase"):
+        real([], [], [], None)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import functional as F
 from ._hyperparams import is_lean, real_numel, regularizer_scale
 from ._nonfinite import finite_tensor, warn_skips
 from .functional import regularizer_coefficient, squared_distance
@@ -203,20 +204,21 @@ def device_update(
     static = {k: group[k] for k in STATIC_KEYS}
     if group["momentum_bounds"] is not None:  # (the ramp's mu is computed; the host's reported one changes)
         del static["momentum"]
-    constants = hash(repr(static))  # (groups of other constants get graphs of their own)
+    key = hash(repr(static))  # (groups of other constants get graphs of their own)
     lr = group["lr"]
     static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=params[0].device)
+    static.update(n=n, check=check)
     if compiled:
         shapes = hash(tuple(tuple(t.shape) for t in params))
-        key = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, constants)
+        ckey = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, key)
         try:
-            _compiled(key)(static, sched, params, grads, ms, vs, None, n, check)
+            F.neumann(params, grads, ms, vs, schedule=sched, constants=static, compile_key=ckey)
             return sched["sq"].clone()
         except Exception as exc:
             if not compile_failed(exc):  # it failed while running: nothing to redo, tell the caller
                 raise
             fused_fallback(opt, exc)  # compilation failed before anything was written
-    graph_step(static, sched, params, grads, ms, vs, None, n, check)
+    F.neumann(params, grads, ms, vs, schedule=sched, constants=static)
     return sched["sq"].clone()
 
 

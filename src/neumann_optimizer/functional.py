@@ -1,4 +1,4 @@
-"""The Neumann update on lists of plain tensors (SPEC section 3), in two interchangeable paths.
+"""The Neumann update on lists of plain tensors (SPEC section 3); :func:`neumann` is the entry.
 
 One group's step, with ``g = grad + weight_decay * w``::
 
@@ -9,14 +9,9 @@ One group's step, with ``g = grad + weight_decay * w``::
 
 where ``c = alpha r - beta / r^3`` (``r = ||w - v||`` over the group; eq. (8) of the paper with
 the SPEC's erratum: the gradient of ``alpha/3 r^3 + beta/r`` is ``(alpha r^2 - beta/r^2) x/r``)
-and ``c = 0`` when ``r`` is zero or not finite. ``v <- w + gamma (v - w)`` is computed as
-``v.lerp_(w, 1 - gamma)``.
-
-The caller (:class:`neumann_optimizer.Neumann`) decides the phase and the scalars on the host and
-computes ``r`` (reducing it across ranks when parameters are sharded); the functions here only
-touch tensors. ``_single_tensor_*`` loops over tensors; ``_multi_tensor_*`` uses the
-``torch._foreach_*`` kernels; both apply the same operations in the same order, so they agree
-to the last bit on CPU.
+and ``c = 0`` when ``r`` is zero or not finite. The bodies: the C kernel (``_native``), the
+multi-tensor step (``torch._foreach_*``) and the for-loop (the same operations in the same order:
+they agree to the last bit on CPU), and the device-scheduled graph (``_graph_step.graph_step``).
 """
 
 from __future__ import annotations
@@ -257,10 +252,10 @@ def neumann(
     ms: list[Tensor],
     vs: list[Tensor] | None,
     *,
-    phase: Phase,
-    lr: float,
-    momentum: float,
-    ema_decay: float,
+    phase: Phase | None = None,
+    lr: float = 0.0,
+    momentum: float = 0.0,
+    ema_decay: float = 0.0,
     weight_decay: float = 0.0,
     cubic_weight: float = 0.0,
     repulsive_weight_total: float = 0.0,
@@ -268,28 +263,45 @@ def neumann(
     fused: bool | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     carry: dict[str, Any] | None = None,
+    schedule: dict[str, Tensor] | None = None,
+    constants: dict[str, Any] | None = None,
+    compile_key: tuple | None = None,
 ) -> Tensor | float | None:
-    """One host-scheduled step of one group, in place: the functional form of
-    :class:`~neumann_optimizer.Neumann`'s step for a phase and momentum decided by the caller
-    (:func:`neumann_optimizer.schedule.factors`). Returns the group's ``||w - v||^2`` the
-    regularizer used (``NEUMANN`` phase with ``vs``), else ``None``.
+    """One step of one group, in place: the functional form of :class:`~neumann_optimizer.Neumann`'s
+    step, and the only update its ``step()`` calls. Returns the group's ``||w - v||^2`` the
+    regularizer used (``NEUMANN`` phase with ``vs``), else ``None`` (a NaN tensor on the device
+    schedule).
 
-    Bodies: ``fused`` ``None`` or ``True`` takes the CPU kernel (``_native.c``) where it applies
-    (dense CPU float32/float64 tensors of matching strides, the kernel compiled); otherwise
-    ``foreach`` (``None``: ``True``) takes the multi-tensor step, ``False`` the for-loop. The
-    device-scheduled graph (``torch.compile``, ``fused=True`` off the kernel, ``capturable=True``)
-    keeps its schedule in tensors and is :func:`neumann_optimizer._graph_step.graph_step`.
+    Host schedule: ``phase``, ``lr`` and ``momentum`` decided by the caller
+    (:func:`neumann_optimizer.schedule.factors`). ``fused`` ``None`` or ``True`` takes the CPU kernel
+    (``_native.c``) where it applies (dense CPU float32/float64 tensors of matching strides, the
+    kernel compiled); otherwise ``foreach`` (``None``: ``True``) takes the multi-tensor step,
+    ``False`` the for-loop. ``cubic_weight`` and ``repulsive_weight_total`` are alpha and beta
+    (``repulsive_weight * n``). ``reduce`` sums a local ``||w - v||^2`` over ranks (sharded
+    parameters). ``carry``: a dict the caller keeps per group for the kernel, which sums the next
+    step's norm in its pass; used while the tensors are the same and unchanged (version counters).
 
-    ``cubic_weight`` and ``repulsive_weight_total`` are alpha and beta (``repulsive_weight * n``).
-    ``reduce`` sums a local ``||w - v||^2`` over ranks (sharded parameters). ``carry``: a dict the
-    caller keeps per group for the kernel, which sums the next step's norm in its pass; it is used
-    while the tensors are the same and unchanged (their version counters)."""
+    Device schedule (``torch.compile(opt.step)``, ``fused=True`` off the kernel, ``capturable=True``):
+    ``schedule`` holds the group's counters as 0-d tensors, which the step reads and advances, and
+    ``constants`` the group's hyperparameters (``lr`` a 0-d tensor, ``n``, ``check``: the finite
+    check); :func:`neumann_optimizer._graph_step.graph_step` runs, compiled once per
+    ``compile_key`` where one is given (``fused=True``), else eagerly or traced."""
     from . import _native
+
+    if schedule is not None:
+        from ._graph_step import _compiled, graph_step
+
+        assert constants is not None, "the device schedule needs the group's constants"
+        step = _compiled(compile_key) if compile_key is not None else graph_step
+        step(constants, schedule, params, grads, ms, vs, None, constants["n"], constants["check"])
+        return schedule["sq"]
+    if phase is None:
+        raise TypeError("neumann(): give the step's phase (host schedule) or a device schedule")
 
     vs_ = vs if vs is not None else []
     if fused is not False and _native.usable(params, grads, ms, *([vs] if vs is not None else [])):
         hp = (phase, lr, momentum, ema_decay, weight_decay, cubic_weight, repulsive_weight_total, reduce)
-        return _native_neumann(params, grads, ms, vs, *hp, carry if carry is not None else {})
+        return _native_neumann(params, grads, ms, vs, hp, carry if carry is not None else {})
     if carry is not None:
         carry.clear()  # a step on another body: its norm was not summed
     foreach = True if foreach is None else foreach
@@ -332,43 +344,22 @@ def _signature(lw: list[Tensor], lv: list[Tensor]) -> tuple:
 
 
 def _native_neumann(
-    lw: list[Tensor],
-    lg: list[Tensor],
-    lm: list[Tensor],
-    lv: list[Tensor] | None,
-    phase: Phase,
-    lr: float,
-    momentum: float,
-    ema_decay: float,
-    weight_decay: float,
-    alpha: float,
-    beta: float,
-    reduce: Callable[[Tensor], Tensor] | None,
-    carry: dict[str, Any],
+    lw: list[Tensor], lg: list[Tensor], lm: list[Tensor], lv: list[Tensor] | None, hp: tuple, carry: dict[str, Any]
 ) -> float | None:
     """One pass of the C kernel. The group norm a regular step needs is the one the previous pass
     summed (``carry``) if no tensor changed since; otherwise it is summed afresh (one read of ``w``
     and ``v``). ``lv`` ``None``: the lean step (no ``v``, no norm)."""
     from . import _native
 
+    phase, lr, momentum, ema_decay, weight_decay, alpha, beta, reduce = hp
     coef, sq = 0.0, None
     if phase is Phase.NEUMANN and lv is not None:
         sq = carry["sq"] if carry.get("signature") == _signature(lw, lv) else _native.squared_distance(lw, lv)
         if reduce is not None:  # local sum of the shards -> sum over ranks
             sq = float(reduce(torch.tensor(sq, dtype=torch.float64)))
         coef = regularizer_coefficient(math.sqrt(sq) if sq >= 0 else math.nan, alpha, beta)
-    sq_next = _native.step(
-        lw,
-        lg,
-        lm,
-        lv,
-        phase=phase.value,
-        lr=lr,
-        momentum=momentum,
-        coef=coef,
-        keep=1.0 - ema_decay,
-        weight_decay=weight_decay,
-    )
+    kw = dict(phase=phase.value, lr=lr, momentum=momentum, coef=coef, keep=1.0 - ema_decay, weight_decay=weight_decay)
+    sq_next = _native.step(lw, lg, lm, lv, **kw)
     if lv is None:
         carry.clear()
     else:
