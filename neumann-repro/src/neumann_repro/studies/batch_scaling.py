@@ -12,7 +12,7 @@ from ..runner import Runner
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
 from ..tuning import Protocol, summarize, tune
-from ..verdicts import compare, judge
+from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
 # ---------------------------------------------------------------- batch scaling (Table 3)
 # name -> (what differs in the config, centre of the first grid at batch 256; sqrt-scaled with batch)
@@ -162,24 +162,26 @@ def verdict(summ: dict[str, Any]) -> str:
     neu = summ[f"{row}/{large}"]
     bases = [(o, summ[f"{o}/{small}"]) for o in BASELINES if f"{o}/{small}" in summ]
     name, base = min(bases, key=lambda kv: kv[1]["test_mean"])
-    loss = neu["test_mean"] - base["test_mean"]
-    # the claim is "no loss of quality": refuted by a loss the rule sees, shown by a gain it sees
-    word = {"worse": "not reproduced", "better": "reproduced", "cannot tell": "cannot tell"}[
-        compare(neu["report"], base["report"])[0]
-    ]
+    at_large = [(o, summ[f"{o}/{large}"]) for o in BASELINES if f"{o}/{large}" in summ]
+    bn, bl = min(at_large, key=lambda kv: kv[1]["test_mean"]) if at_large else (None, None)
+    # the family: Neumann at the largest batch against the best baseline at the smallest and at the largest
+    family = [error_contrast(neu["report"], base["report"])]
+    family += [error_contrast(neu["report"], bl["report"])] if bl is not None else []
+    settle(family, ERROR_MARGIN)
+    c = family[0]
+    # the claim is "no loss of quality": refuted by a loss, shown by a gain or an equivalence
+    word = "no verdict" if c is None else "reproduced" if c["decision"] == "equivalent" else "cannot tell"
+    if c is not None and c["decision"] == "differs":
+        word = "not reproduced" if c["diff"] > 0 else "reproduced"
     out = (
         f"Neumann at batch {large}: {neu['test_mean']:.2f}% vs the best baseline at batch {small} "
-        f"({LABELS[name]}): {base['test_mean']:.2f}%; a loss of {loss:+.2f} points, "
-        f"{judge(neu['report'], base['report'])}: **{word}**"
+        f"({LABELS[name]}): {base['test_mean']:.2f}%; Neumann minus baseline {said_error(c, 'Neumann')} "
+        f"(positive: Neumann worse; Holm over {len(family)} tests): **{word}**"
     )
-    at_large = [(o, summ[f"{o}/{large}"]) for o in BASELINES if f"{o}/{large}" in summ]
-    if at_large:
-        bn, bl = min(at_large, key=lambda kv: kv[1]["test_mean"])
-        gap = bl["test_mean"] - neu["test_mean"]
+    if bn is not None and bl is not None:
         out += (
-            f". At batch {large} itself, Neumann vs the best baseline there ({LABELS[bn]}, "
-            f"{bl['test_mean']:.2f}%): {gap:+.2f} points in Neumann's favour, "
-            f"{judge(neu['report'], bl['report'])}"
+            f". At batch {large} itself, Neumann minus the best baseline there ({LABELS[bn]}, "
+            f"{bl['test_mean']:.2f}%): {said_error(family[1], 'Neumann')}"
         )
     return out
 
