@@ -73,6 +73,8 @@ def test_welch_is_calibrated_and_the_old_rule_is_not_on_normal_a_a_draws():
     for n in (2, 3, 5):
         rates = false_positive_rates(values, n, splits=2000, seed=n)
         assert 0.02 <= rates["welch"] <= 0.06, (n, rates)
+        # the exact rank test never passes its level (at 2 a side its smallest p is 1/3: it never rejects)
+        assert rates["rank"] <= 0.06 and (n > 2 or rates["rank"] == 0), (n, rates)
     assert false_positive_rates(values, 3, splits=2000)["two_se"] > 0.09
 
 
