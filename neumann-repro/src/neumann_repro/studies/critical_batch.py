@@ -270,10 +270,6 @@ def contrast_table(
 
 def render_critical_batch(payload: Payload, out_dir: Path) -> Rendered:
     meta = payload["meta"]
-    if "ladder" not in meta:  # results of the superseded protocol (issue 36), until the rerun lands
-        from . import _v1_critical_batch
-
-        return _v1_critical_batch.render_critical_batch(payload, out_dir)
     target, batches = meta["target"], meta["batches"]
     cells = cells_of(payload["runs"])
     train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
@@ -402,10 +398,6 @@ def verdict(summ: dict[str, Any]) -> str:
             parts.append(f"critical batch of Neumann (default) {a}, of {LABELS[base]} {b} ({word})")
     extends = all((neu["critical"] or 0) > (summ[o]["critical"] or 0) for o in ("sgd", "lars") if o in summ)
     out = "; ".join(parts) + f": **{'reproduced' if extends else 'not reproduced'}**"
-    if "contrasts" not in summ:  # the superseded protocol's summary
-        from . import _v1_critical_batch
-
-        return _v1_critical_batch.verdict(summ)
     said = {"fewer steps": [], "more steps": [], "equivalent": []}  # type: dict[str, list[str]]
     for base, per_b in summ["contrasts"].items():
         for b, c in per_b.items():

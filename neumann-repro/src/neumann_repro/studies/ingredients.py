@@ -135,10 +135,6 @@ def ingredients(runner: Runner, s: Settings) -> str:
 # ---------------------------------------------------------------- rendering
 def render_ingredients(payload: Payload, out_dir: Path) -> Rendered:
     meta = payload["meta"]
-    if meta.get("protocol", {}).get("grid") != "fine":  # the superseded protocol (issue 36), until the rerun lands
-        from . import _v1_ingredients
-
-        return _v1_ingredients.render_ingredients(payload, out_dir)
     target, batches = meta["target"], meta["batches"]
     cells = cells_of(payload["runs"])
     train_size = payload["runs"][0]["train_size"] if payload["runs"] else 0
@@ -265,10 +261,6 @@ def _bars(meta: dict[str, Any], results: dict[str, dict[int, CellResult]], out_d
 
 def verdict(summ: dict[str, Any]) -> str:
     """Per ingredient, the batches where the default needs fewer or more steps than without it."""
-    if "contrasts" not in summ:  # the superseded protocol's summary
-        from . import _v1_ingredients
-
-        return _v1_ingredients.verdict(summ)
     if not summ["contrasts"]:
         return "no verdict (fewer than 2 reporting seeds a side)"
     parts = []
