@@ -56,17 +56,8 @@ from neumann_optimizer import Neumann  # noqa: E402
 
 LIMITS = dict(check=100.0, time=110.0, graphs=40.0, optax=40.0)
 NEU = dict(burn_in_steps=0, reset_steps=10**9, momentum_ramp_steps=1.0)  # timed in the regular phase
-CHECK_HP = dict(
-    lr=0.05,
-    burn_in_steps=2,
-    reset_steps=3,
-    reset_growth=2.0,
-    momentum=(0.5, 0.9),
-    momentum_ramp_steps=2.0,
-    cubic_weight=0.05,
-    repulsive_weight=1e-3,
-    ema_decay=0.9,
-)
+CHECK_HP = dict(lr=0.05, burn_in_steps=2, reset_steps=3, reset_growth=2.0, momentum=(0.5, 0.9))
+CHECK_HP.update(momentum_ramp_steps=2.0, cubic_weight=0.05, repulsive_weight=1e-3, ema_decay=0.9)
 # name -> (Neumann's keyword arguments, whether opt.step is torch.compile'd)
 PATHS: dict[str, tuple[dict[str, Any], bool]] = {
     "Neumann(foreach=False) [for-loop]": (dict(foreach=False), False),
@@ -131,20 +122,7 @@ def check_path(name: str, dtype: torch.dtype, device: str, steps: int = 10, nan_
     w0 = [torch.as_tensor(rng.normal(size=s)).to(dtype) for s in shapes]
     params = [torch.nn.Parameter(w.to(device)) for w in w0]
     hp = CHECK_HP
-    ref = RefGroup(
-        w=np.concatenate([w.double().numpy().ravel() for w in w0]),
-        lr=hp["lr"],
-        burn_in=hp["burn_in_steps"],
-        reset0=hp["reset_steps"],
-        growth=hp["reset_growth"],
-        mu_min=hp["momentum"][0],
-        mu_max=hp["momentum"][1],
-        tau=hp["momentum_ramp_steps"],
-        alpha=hp["cubic_weight"],
-        beta_per_n=hp["repulsive_weight"],
-        gamma=hp["ema_decay"],
-        wd=0.0,
-    )
+    ref = RefGroup.from_hyperparameters(np.concatenate([w.double().numpy().ravel() for w in w0]), hp)
     opt, step = _stepper(name, params, **hp)
     skip = PATHS[name][0].get("nonfinite") != "ignore"
     with warnings.catch_warnings():

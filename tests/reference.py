@@ -34,6 +34,24 @@ class RefGroup:
     k: int = 0
     last_mu: float = 0.0
 
+    @classmethod
+    def from_hyperparameters(cls, w: np.ndarray, hp: dict) -> RefGroup:
+        """A group from ``Neumann``'s keyword arguments (``momentum`` a pair; no weight decay if absent)."""
+        return cls(
+            w=w,
+            lr=hp["lr"],
+            burn_in=hp["burn_in_steps"],
+            reset0=hp["reset_steps"],
+            growth=hp["reset_growth"],
+            mu_min=hp["momentum"][0],
+            mu_max=hp["momentum"][1],
+            tau=hp["momentum_ramp_steps"],
+            alpha=hp["cubic_weight"],
+            beta_per_n=hp["repulsive_weight"],
+            gamma=hp["ema_decay"],
+            wd=hp.get("weight_decay", 0.0),
+        )
+
     def __post_init__(self) -> None:
         self.w = self.w.astype(np.float64).copy()
         self.m = np.zeros_like(self.w)

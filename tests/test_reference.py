@@ -30,20 +30,7 @@ group_hp = st.fixed_dictionaries(
 
 
 def make_ref(problem: ElementwiseProblem, gi: int, hp: dict) -> RefGroup:
-    return RefGroup(
-        w=problem.flat_w0(gi),
-        lr=hp["lr"],
-        burn_in=hp["burn_in_steps"],
-        reset0=hp["reset_steps"],
-        growth=hp["reset_growth"],
-        mu_min=hp["momentum"][0],
-        mu_max=hp["momentum"][1],
-        tau=hp["momentum_ramp_steps"],
-        alpha=hp["cubic_weight"],
-        beta_per_n=hp["repulsive_weight"],
-        gamma=hp["ema_decay"],
-        wd=hp["weight_decay"],
-    )
+    return RefGroup.from_hyperparameters(problem.flat_w0(gi), hp)
 
 
 @settings(max_examples=40, deadline=None)
