@@ -192,3 +192,24 @@ def test_decisions_split_cannot_tell_into_equivalent_and_inconclusive():
 
 def _pc(c):
     return c["p"], c["ci90"]
+
+
+@pytest.mark.parametrize(
+    ("diff", "lo", "hi", "decision", "word"),
+    [
+        (-1.0, -1.4, -0.6, "differs", "**reproduced**"),  # a gain the size of the paper's
+        (-0.4, -0.6, -0.2, "differs", "**partly reproduced (a smaller gain than the paper's)**"),
+        (+0.5, +0.2, +0.8, "differs", "**not reproduced (Neumann worse)**"),
+        (-0.1, -0.25, +0.05, "equivalent", "**not reproduced (equivalent within ±0.3 points)**"),
+        (-0.26, -0.59, +0.08, "inconclusive", "**not reproduced (no gain of the paper's size)**"),
+        (-0.6, -2.7, +1.5, "inconclusive", "**inconclusive**"),  # the interval holds the paper's gain
+    ],
+)
+def test_compare_verdict_says_what_the_interval_excludes(diff, lo, hi, decision, word):
+    from neumann_repro.studies.compare import verdict as compare_verdict
+
+    c = dict(diff=diff, lo=lo, hi=hi, p_holm=0.01, decision=decision)
+    summ = {"t/neumann-default": dict(final_mean=4.2, seeds=4), "t/sgd": dict(final_mean=4.4, seeds=4, vs_neumann=c)}
+    text = compare_verdict(summ)
+    assert text.endswith(word) and f"{diff:+.2f} points (95%: {lo:+.2f} to {hi:+.2f}" in text
+    assert ("the paper's 0.8-point gain lies outside the interval" in text) == (lo > -0.8)

@@ -182,12 +182,16 @@ def verdict(summ: dict[str, Any]) -> str:
             seeds = min(neu.get("seeds", 0), base.get("seeds", 0))
             parts.append(f"{said}: **no verdict** ({seeds} seed{'s' if seeds != 1 else ''} a side, all of them tuning)")
             continue
+        # the claim is a gain of 0.8-0.9 points: an interval that excludes it refutes its size
+        outside = c["lo"] > -0.8
         word = {
-            "differs": "reproduced" if c["diff"] < 0 else "not reproduced (Neumann worse)",
+            "differs": ("reproduced" if not outside else "partly reproduced (a smaller gain than the paper's)")
+            if c["diff"] < 0
+            else "not reproduced (Neumann worse)",
             "equivalent": f"not reproduced (equivalent within ±{ERROR_MARGIN:g} points)",
-            "inconclusive": "inconclusive",
+            "inconclusive": "not reproduced (no gain of the paper's size)" if outside else "inconclusive",
         }[c["decision"]]
-        excl = " (the paper's 0.8-point gain lies outside the interval)" if c["lo"] > -0.8 else ""
+        excl = " (the paper's 0.8-point gain lies outside the interval)" if outside else ""
         parts.append(
             f"{said}; Neumann minus baseline on the reporting seeds {c['diff']:+.2f} points (95%: {c['lo']:+.2f} to "
             f"{c['hi']:+.2f}; Holm p = {c['p_holm']:.2g}){excl}: **{word}**"
@@ -202,7 +206,7 @@ STUDY = Study(
         "128, each tuned on the fine grid with 2 tuning seeds and 4 reporting seeds, every baseline with a 5-epoch "
         "warm-up, on the MNIST-1D 4k and 36k sets (quick: the 4k set, 20 epochs, 1 seed)."
     ),
-    full_cost_core_minutes=43,
+    full_cost_core_minutes=42,  # by the runs' clocks (2026-12-07, 154 runs; 21 min of wall time with --jobs 2)
     claim=(
         "Table 2",
         "At a fixed batch size, a better final validation error than a tuned baseline "

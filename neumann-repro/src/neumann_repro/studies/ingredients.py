@@ -288,7 +288,7 @@ STUDY = Study(
         "with 4 reporting seeds, and the final error at batch 1,024 and 50 epochs (quick: 4k set, batch 256, short "
         "budgets, 2 reporting seeds)."
     ),
-    full_cost_core_minutes=130,  # by the runs' clocks (2026-12-07, 914 runs, the default's and SGD's shared with critical-batch)
+    full_cost_core_minutes=130,  # by the runs' clocks (2026-12-07, 914 runs; some shared with critical-batch)
     claim=(
         "Section 3 (the algorithm), Table 1",
         "The Neumann optimizer's ingredients (the cubic and repulsive regularizers, burn-in, momentum schedule and "
