@@ -36,7 +36,7 @@ from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
 from ..tasks import make_model
-from ..tuning import Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
 from ..verdicts import ALPHA, ERROR_MARGIN, contrast_p, error_contrast, holm, said_error, said_p, settle
 from .batch_scaling import render_batch_scaling
 from .batch_scaling import verdict as batch_scaling_verdict
@@ -122,7 +122,7 @@ def settings(s: Settings) -> dict[str, Any]:
             epochs=s.budget(3, 20),
             warmup_epochs=2,
         ),
-        protocol=Protocol(points=5, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=6),
+        protocol=Protocol(**FULL_PROTOCOL, final_seeds=s.n_seeds(1, 6)),
     )
 
 

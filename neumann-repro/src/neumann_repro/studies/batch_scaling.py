@@ -11,7 +11,7 @@ from ..plotting import batch_axis, pyplot, save_figure, style
 from ..runner import Runner
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
-from ..tuning import Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
 from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
 # ---------------------------------------------------------------- batch scaling (Table 3)
@@ -40,7 +40,7 @@ def batch_scaling(runner: Runner, s: Settings) -> str:
     protocol = (
         Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=1)
         if s.quick
-        else Protocol(points=5, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=6)
+        else Protocol(**FULL_PROTOCOL, final_seeds=s.n_seeds(1, 6))
     )
     warmup = min(st["warmup_epochs"], st["epochs"] // 2)
     cells: dict[str, tuple[dict[str, Any], float]] = {}

@@ -12,7 +12,7 @@ from ..runner import Runner
 from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, lr_range, plural, spread
-from ..tuning import Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
 from ..verdicts import ERROR_MARGIN, ERROR_RULE, error_contrast, said_error, settle
 
 # ---------------------------------------------------------------- compare (Table 2)
@@ -42,7 +42,7 @@ def compare(runner: Runner, s: Settings) -> str:
     protocol = (
         Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 6), max_extensions=1, grid="fine", score="worse")
         if s.quick
-        else Protocol(points=3, tune_seeds=2, final_seeds=s.n_seeds(1, 6), max_extensions=6, grid="fine", score="worse")
+        else Protocol(**FULL_PROTOCOL, final_seeds=s.n_seeds(1, 6))
     )
     meta_tasks = {}
     cells: dict[str, tuple[dict[str, Any], float]] = {}

@@ -20,7 +20,7 @@ from ..runner import Runner
 from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, spread
-from ..tuning import Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
 from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
 # name -> (label, the Neumann arguments that differ from the paper's Table 1)
@@ -64,7 +64,7 @@ def regularizers(runner: Runner, s: Settings) -> str:
     protocol = (
         Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=1)
         if s.quick
-        else Protocol(points=5, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=6)
+        else Protocol(**FULL_PROTOCOL, final_seeds=s.n_seeds(1, 6))
     )
     wide_protocol = Protocol(points=3, tune_seeds=1, final_seeds=s.n_seeds(1, 3), max_extensions=2, refine=False)
 
