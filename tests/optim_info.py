@@ -3,8 +3,8 @@ the table PyTorch's generic optimizer tests (``test/test_optim.py``) are driven 
 ``test_optim_info.py`` use it; PyTorch's suite can be pointed at it from outside.
 
 Truthful to the code: ``foreach`` and ``fused`` are supported (fused on CPU through our C kernel or
-the compiled graph, on CUDA through the compiled graph), complex parameters are, sparse gradients
-and ``differentiable``/``capturable``/``maximize`` are not.
+the compiled graph, on CUDA through the compiled graph), complex parameters and ``capturable`` are,
+sparse gradients and ``differentiable``/``maximize`` are not.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ neumann_optim_info = OptimizerInfo(
             supports_fused_on=("cpu", "cuda"),
             supports_complex=True,
             supports_sparse=False,
-            has_capturable_arg=False,
+            has_capturable_arg=True,
             step_requires_closure=False,
             supports_param_groups=True,
             supports_multiple_devices=True,

@@ -67,7 +67,7 @@ def test_error_inputs_raise_naming_the_culprit(err):
 def test_info_is_truthful():
     info = neumann_optim_info
     assert info.optim_cls is Neumann and set(info.supported_impls) == {"foreach", "fused"}
-    assert info.supports_complex and not info.supports_sparse and not info.has_capturable_arg
+    assert info.supports_complex and not info.supports_sparse and info.has_capturable_arg
     assert len(CONFIGS) == 11
 
 

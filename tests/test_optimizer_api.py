@@ -88,6 +88,7 @@ def test_epoch_defaults():
         ("nonfinite", "maybe"),
         ("steps_per_epoch", 0),
         ("foreach", "yes"),
+        ("capturable", 1),
     ],
 )
 def test_bad_hyperparameter_is_named(name, value):
