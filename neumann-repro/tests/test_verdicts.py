@@ -213,3 +213,24 @@ def test_compare_verdict_says_what_the_interval_excludes(diff, lo, hi, decision,
     text = compare_verdict(summ)
     assert text.endswith(word) and f"{diff:+.2f} points (95%: {lo:+.2f} to {hi:+.2f}" in text
     assert ("the paper's 0.8-point gain lies outside the interval" in text) == (lo > -0.8)
+
+
+def test_ablation_verdict_tests_both_halves_of_the_pattern_with_holm():
+    """Table 4's pattern (quality drops without the regularizers, but stays better than SGD) is two
+    contrasts per model, Holm-adjusted together, signed so that positive means 'without' is worse."""
+    from neumann_repro.studies.ablation import verdict as ablation_verdict
+
+    def row(m: float) -> dict:
+        return dict(final=m, report=[m - 0.1, m, m + 0.1, m + 0.05, m - 0.05])
+
+    summ = {
+        "mlp/default (Table 1)": row(30.0),
+        "mlp/no regularizers": row(32.0),
+        "mlp/SGD+Nesterov (same lr)": row(35.0),
+    }
+    text = ablation_verdict(summ)
+    assert "minus the default +2.00 (95%: +" in text and "(a drop)" in text
+    assert "minus SGD+Nesterov at the same lr -3.00" in text and "(better than the baseline)" in text
+    assert text.endswith("(Holm over 2 tests)")
+    summ["mlp/no regularizers"] = row(30.05)
+    assert "(no drop shown)" in ablation_verdict(summ)
