@@ -18,39 +18,43 @@ from .registry import studies
 from .study import Settings, render_payload
 
 PROTOCOL = """\
-## Tuning protocol (compare and batch-scaling)
+## Tuning protocol
 
 The same for every optimizer (Nado et al. 2021's point: a claim holds only against baselines tuned
 as hard as the method):
 
-- **Learning rate** on one log grid for all, 1-3-10 per decade (..., 0.01, 0.03, 0.1, 0.3, 1, ...).
-  Each cell (optimizer x batch size x task) starts from 5 consecutive grid rates around a guess;
-  the chosen rate is the one with the lowest mean final *validation* error over the tuning seeds
-  (ties: the smaller rate). While the chosen rate lies on an edge of the rates tried, the grid is
-  extended by one rate beyond that edge (at most 6 times). Then the two geometric midpoints between
-  the chosen grid rate and its neighbours are tried too (factor about 1.8 either side), and the
-  choice is made again over all rates tried: 7 rates per cell when no extension was needed. The
-  tables say how many rates each cell tried and whether its choice lies strictly inside them.
-- **Seeds**: the chosen rate is then trained with more seeds (3 in batch-scaling, 5 in compare);
-  test errors are those seeds' final test errors, mean ± standard deviation. Tuning seeds are
-  1 in batch-scaling and 2 in compare (its runs are cheaper).
+- **Learning rate** (`tuning.FULL_PROTOCOL`, since 2026-12-07): one log grid for all, 4 rates per
+  decade (..., 0.1, 0.18, 0.32, 0.56, 1, 1.8, ...). Each cell (optimizer x batch size x task)
+  starts from 3 consecutive grid rates around a guess and is tuned by 2 seeds (0 and 1); a rate
+  scores its *worse* seed's final validation error (a divergence or a miss on either counts against
+  it; ties: the smaller rate). While the choice lies on an edge of the rates tried, the grid is
+  extended beyond that edge (at most 6 times). The tables say how many rates each cell tried,
+  whether its choice lies strictly inside them, and what the next rate up did.
+- **Seeds**: the chosen rate is then trained with 4 more seeds (2-5), the *reporting* seeds: the
+  tables' means ± standard deviations and every verdict use them alone. The ladder studies
+  (critical-batch, ingredients) choose their budget and rate on the tuning seeds and report 8 seeds
+  (`neumann_repro.ladder`). batch-scaling, regularizers and architectures still render runs of the
+  earlier protocol (1-3-10 grid with two midpoints, one tuning seed, 2 reporting seeds) until their
+  reruns land.
 - **Warmup**: a fixed, documented fraction rather than a tuned one: the baselines warm up linearly
-  over the first 5 epochs (Goyal et al.'s recipe, 10% of the batch-scaling budget), then every
-  optimizer follows cosine decay to 0. Neumann has no added warmup: its 5 epochs of burn-in (plain
-  SGD) and its momentum ramp are its own (the paper's Table 1). compare uses no warmup for anyone.
+  over the first 5 epochs (Goyal et al.'s recipe), in compare too, then every optimizer follows
+  cosine decay to 0. Neumann has no added warmup: its 5 epochs of burn-in (plain SGD) and its
+  momentum ramp are its own (the paper's Table 1).
 - **Baselines** are other people's code, configured as their documentation says:
   `torch.optim.SGD(momentum=0.9, nesterov=True)`, `torch.optim.Adam`/`AdamW` (torch defaults,
-  AdamW's weight decay 0.01), `torch.optim.RMSprop(alpha=0.9, eps=1e-8)`, and `pytorch_optimizer`'s
-  `LARS` (momentum 0.9, trust coefficient 1e-3, biases and norms plain SGD) and `Lamb`
-  (betas (0.9, 0.999), eps 1e-6, no weight decay). Neumann runs with the paper's Table 1 defaults.
+  AdamW's weight decay 0.01), `torch.optim.RMSprop(alpha=0.9, eps=1e-8)` and, as in Inception,
+  `RMSprop(alpha=0.9, momentum=0.9, eps=1.0)`, and `pytorch_optimizer`'s `LARS` (momentum 0.9, trust
+  coefficient 1e-3, biases and norms plain SGD) and `Lamb` (betas (0.9, 0.999), eps 1e-6, no
+  weight decay). Neumann runs with the paper's Table 1 defaults but for the repulsive term.
 - **Diverged** runs count as chance (90% error) when tuning.
-- **Verdict rule** (calibrated by the `calibration` study's A/A controls): Welch's two-sided t-test
-  at 5% on the per-seed results of the two sides; p < 0.05 calls one better or worse, otherwise the
-  two *cannot be told apart*. A verdict uses only the seeds that did not tune the rate (seeds 2-4 in
-  compare, 1-2 in the committed batch-scaling, regularizers and architectures runs, 1-4 in
-  ingredients); the tables' means are over all seeds at the chosen rate. Until 2026-12-04 the rule was
-  "beyond two standard errors of the difference, over all seeds"; the calibration measured its
-  false-positive rate, and the verdicts it changed are listed at the end of this report.
+- **Verdict rule** (calibrated by the `calibration` study's A/A controls): errors by Welch's
+  two-sided t-test, steps to a target by an exact rank test with misses tied last; each verdict
+  gives the difference (positive: Neumann, or the variant, worse) or the ratio of steps with its
+  95% interval, its p Holm-adjusted over the study's stated family; "differs" where that p is below
+  5%, "equivalent" where the 90% interval lies inside ±0.3 points or ±10% of steps (two one-sided
+  tests), "inconclusive" otherwise. Until 2026-12-04 the rule was "beyond two standard errors of the
+  difference, over all seeds", until 2026-12-07 Welch's test alone without intervals or correction;
+  the verdicts each change moved are listed at the end of this report.
 """
 
 

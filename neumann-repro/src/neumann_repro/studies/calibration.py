@@ -21,7 +21,7 @@ from ..plotting import pyplot, save_figure
 from ..runner import Runner
 from ..runs import final
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
-from ..verdicts import ALPHA, judge, rank_p, two_se, welch_p
+from ..verdicts import ALPHA, ERROR_MARGIN, error_contrast, rank_p, said_error, settle, two_se, welch_p
 
 
 def _mlp(task: str, batch: int, epochs: int, lr: float, **optimizer: Any) -> dict[str, Any]:
@@ -156,18 +156,16 @@ def render_calibration(payload: Payload, out_dir: Path) -> Rendered:
         lines += [
             f"\nThe same fresh seeds settle verdicts of batch-scaling at batch 1,024 (its committed cells have 2 "
             f"reporting seeds a side), by the verdict rule, all {meta['seeds']} seeds a side:\n",
-            "| setting | against | difference of means (points) | verdict |",
-            "|---|---|---|---|",
+            "| setting | against | first minus second, points (positive: the first worse), Holm over these |",
+            "|---|---|---|",
         ]
-        for a, b in pairs:
-            va, vb = ([final(r) for r in cells[x]] for x in (a, b))
-            said = judge(va, vb)
+        contrasts = [error_contrast(*([final(r) for r in cells[x]] for x in pair)) for pair in pairs]
+        settle(contrasts, ERROR_MARGIN)  # the family: these pairs
+        for (a, b), c in zip(pairs, contrasts, strict=True):
+            said = said_error(c, "the first")
             what = f"{meta['settings'][a].split(',')[0]} against {meta['settings'][b].split(',')[0]} at batch 1,024"
-            settled.append(dict(what=what, diff=statistics.fmean(va) - statistics.fmean(vb), verdict=said))
-            lines.append(
-                f"| {meta['settings'][a]} | {meta['settings'][b]} | "
-                f"{statistics.fmean(va) - statistics.fmean(vb):+.2f} | {said} |"
-            )
+            settled.append(dict(what=what, diff=c["diff"] if c else float("nan"), verdict=said))
+            lines.append(f"| {meta['settings'][a]} | {meta['settings'][b]} | {said} |")
     summary["worst"] = worst
     summary["pooled"] = pooled
     summary["settled"] = settled
@@ -205,7 +203,7 @@ def verdict(summ: dict[str, Any]) -> str:
         f"{100 * top['two_se']:.1f}% ({100 * worst['two_se']:.1f}%): the tests are "
         f"**{'calibrated' if ok else 'not calibrated'}** at 5%"
     )
-    settled = [f"{v['what']}: {v['diff']:+.2f} points, {v['verdict']}" for v in summ.get("settled", [])]
+    settled = [f"{v['what']}: {v['verdict']}" for v in summ.get("settled", [])]
     return out + ("; " + "; ".join(settled) if settled else "")
 
 
