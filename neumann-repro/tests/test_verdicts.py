@@ -12,19 +12,16 @@ from neumann_repro.studies.calibration import verdict as calibration_verdict
 from neumann_repro.verdicts import (
     ERROR_MARGIN,
     STEPS_MARGIN,
-    compare,
     contrast_p,
     decide,
     error_contrast,
     holm,
-    judge,
     rank_p,
     reporting,
     said_steps,
     settle,
     shift_interval,
     steps_contrast,
-    two_se,
     welch_interval,
     welch_p,
 )
@@ -76,18 +73,6 @@ def test_welch_is_calibrated_and_the_old_rule_is_not_on_normal_a_a_draws():
         # the exact rank test never passes its level (at 2 a side its smallest p is 1/3: it never rejects)
         assert rates["rank"] <= 0.06 and (n > 2 or rates["rank"] == 0), (n, rates)
     assert false_positive_rates(values, 3, splits=2000)["two_se"] > 0.09
-
-
-def test_judge_says_which_way_and_cites_its_test():
-    low, high = [1.0, 1.1, 0.9], [5.0, 5.2, 4.8]
-    assert compare(low, high)[0] == "better"
-    assert compare(high, low)[0] == "worse"
-    assert compare(low, high, lower_is_better=False)[0] == "worse"
-    assert judge(low, high).startswith("better (Welch p = ")
-    assert "3 vs 3 seeds" in judge(low, high)
-    assert judge([1.0, 2.0], [1.5, 1.4]).startswith("cannot be told apart")
-    assert "needs at least 2 reporting seeds" in judge([1.0], [1.0, 2.0])
-    assert two_se(low, high) and not two_se([1.0, 2.0], [1.5, 1.4])
 
 
 def test_reporting_seeds_leave_the_tuning_seeds_out():

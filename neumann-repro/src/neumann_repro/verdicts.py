@@ -1,10 +1,13 @@
 """The rule that calls a difference between two optimizers real, from their per-seed results.
 
-**The rule** (since 2026-12-04): Welch's two-sided t-test on the two samples of per-seed values at
-level ``ALPHA`` = 5%; ``p < ALPHA`` calls the difference real ("better"/"worse"), otherwise the two
-"cannot be told apart". It needs at least two seeds on each side. Its false-positive rate on A/A
-controls (the default against itself on disjoint seeds) is measured by the ``calibration`` study
-(docs/REPRODUCTION.md, "calibration").
+**The rule** (since 2026-12-07): an error difference by Welch's two-sided t-test
+(:func:`error_contrast`), steps to a target by an exact rank test with misses tied last
+(:func:`steps_contrast`); each with its 95% interval, its p Holm-adjusted over the study's family
+(:func:`settle`), and a decision (:func:`decide`): "differs" (Holm p < ``ALPHA`` = 5%),
+"equivalent" (the 90% interval inside the margin: two one-sided tests), "inconclusive". It needs
+at least two seeds on each side. Its false-positive rate on A/A controls (the default against
+itself on disjoint seeds) is measured by the ``calibration`` study (docs/REPRODUCTION.md,
+"calibration").
 
 The reporting seeds of a result are disjoint from the seeds that tuned it wherever the data allow:
 :func:`reporting` drops the tuning seeds (``seed < tune_seeds``) from a study's runs.
@@ -64,25 +67,6 @@ def two_se(a: Sequence[float], b: Sequence[float]) -> bool:
         return False
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
-
-
-def compare(ours: Sequence[float], theirs: Sequence[float], lower_is_better: bool = True) -> tuple[str, float | None]:
-    """``("better" | "worse" | "cannot tell", p)``: ours against theirs by the rule."""
-    p = welch_p(ours, theirs)
-    if p is None or p >= ALPHA:
-        return "cannot tell", p
-    ours_lower = statistics.fmean(ours) < statistics.fmean(theirs)
-    return ("better" if ours_lower == lower_is_better else "worse"), p
-
-
-WORDS = {"better": "better", "worse": "worse", "cannot tell": "cannot be told apart"}
-
-
-def judge(ours: Sequence[float], theirs: Sequence[float], lower_is_better: bool = True) -> str:
-    """The verdict in words, with its p-value: "better (Welch p = 0.003, 3 vs 3 seeds)",
-    "cannot be told apart (Welch p = 0.41, 2 vs 2 seeds)"."""
-    word, p = compare(ours, theirs, lower_is_better)
-    return f"{WORDS[word]} ({said_p(p, f'{len(ours)} vs {len(theirs)} seeds')})"
 
 
 def said_p(p: float | None, seeds: str) -> str:
