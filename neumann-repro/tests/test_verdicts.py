@@ -107,7 +107,7 @@ def test_calibration_renders_rates_per_setting_and_a_verdict(tmp_path):
     assert "calibrated" in calibration_verdict(summary)
 
 
-# ---------------------------------------------------------------- the protocol of issue 36
+# ---------------------------------------------------------------- intervals, Holm, equivalence
 @pytest.mark.parametrize("n1,n2", [(2, 3), (4, 4), (5, 3), (8, 8)])
 def test_rank_p_is_scipys_exact_mann_whitney_without_ties(n1, n2):
     rng = random.Random(n1 * 7 + n2)

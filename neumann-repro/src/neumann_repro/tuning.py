@@ -50,7 +50,7 @@ class Protocol:
         return asdict(self)
 
 
-# every study's full protocol (issue 36): the fine grid from a 3-point start, 2 tuning seeds scored by the
+# every tuned study's full protocol: the fine grid from a 3-point start, 2 tuning seeds scored by the
 # worse, extended until the choice is strictly inside; with final_seeds = 6, 4 reporting seeds
 FULL_PROTOCOL: dict[str, Any] = dict(points=3, tune_seeds=2, max_extensions=6, grid="fine", score="worse")
 

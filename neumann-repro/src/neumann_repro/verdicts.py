@@ -81,7 +81,7 @@ def reporting(runs: Sequence[dict[str, Any]], tune_seeds: int) -> list[dict[str,
     return [r for r in runs if r["config"]["seed"] >= tune_seeds]
 
 
-# ---------------------------------------------------------------- the protocol of issue 36
+# ---------------------------------------------------------------- intervals, Holm, equivalence
 # Steps to a target, with misses censored: an exact rank test and a Hodges-Lehmann interval; every
 # family of comparisons Holm-adjusted; "cannot tell" split into "equivalent within the margin" (two
 # one-sided tests at 5%, i.e. the 90% interval inside the margin) and "inconclusive".

@@ -111,7 +111,7 @@ def critical_batch(runner: Runner, s: Settings) -> str:
             "report_seeds": list(report_seeds(QUICK_REPORT if s.quick else REPORT_SEEDS)),
             "warmup_frac": WARMUP_FRAC,
             "evals": EVALS,
-            "ladder": 2,  # the protocol of issue 36 (neumann_repro.ladder)
+            "ladder": 2,  # the ladder protocol (neumann_repro.ladder)
             "probe_batch": probe_batch,
             **({"neumann_burn_in_epochs": 1} if s.quick else {}),
         },
