@@ -30,9 +30,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from ._hyperparams import is_lean, real_numel, regularizer_scale
+from ._hyperparams import group_numel, is_lean, regularizer_scale
 from ._nonfinite import finite_tensor, warn_skips
-from .functional import regularizer_coefficient, squared_distance
 from .schedule import COUNTER_KEYS, HOST, Phase, TensorOps, advance, factors
 
 SYNC_EVERY = 100  # a device-scheduled group's host counters are read at least this often (its steps)
@@ -67,28 +66,26 @@ def graph_step(
     grads: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor] | None,
-    apply: Tensor | None,
-    n: int,
-    check: bool = False,
 ) -> None:
     """One step of a group in the branch-free form, with its schedule on the device: compiled, each
-    tensor's expressions fuse into one pass and ``apply`` masks every write (a ``where`` inside that
-    pass). ``check``: ``apply`` is the gradients' finite check, computed here. ``vs=None``: the lean
-    step. ``n``: scalars in the group (``beta = repulsive_weight * n``). Low-precision tensors are
+    tensor's expressions fuse into one pass. ``group["check"]``: the gradients' finite check, computed
+    here, masks every write (a ``where`` inside that pass). ``vs=None``: the lean step.
+    ``group["n"]``: scalars in the group (``beta = repulsive_weight * n``). Low-precision tensors are
     computed in float32 and rounded once."""
     f = acc_dtype(params)
     dev = params[0].device
     ops = TensorOps(f, dev)
-    if check:
-        apply = finite_tensor(grads)
+    apply = finite_tensor(grads) if group["check"] else None
     fac = factors(sched["step"], sched["next_reset"], group, ops)
     lr = group["lr"]
     lr = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=dev)
     coef, sq = ops._t(0.0), ops._t(math.nan)
     if vs is not None:  # the regularizer, on regular steps: r over the group, c = alpha r - beta / r^3
-        sq = squared_distance(params, vs, foreach=not torch.compiler.is_compiling())
+        sq = F.squared_distance(params, vs, foreach=not torch.compiler.is_compiling())
         scale = regularizer_scale(group, lr)
-        c = regularizer_coefficient(sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * n)
+        c = F.regularizer_coefficient(
+            sq.sqrt(), scale * group["cubic_weight"], scale * group["repulsive_weight"] * group["n"]
+        )
         coef = torch.where(ops.not_(fac.in_burn | fac.is_reset), c, coef)
     b = fac.beta * lr
     wd = group["weight_decay"]
@@ -152,14 +149,7 @@ def schedule_of(opt: Any, gi: int, params: list[Tensor]) -> dict[str, Tensor]:
 
 # what a compiled step reads of its group besides lr: constants of the group (their guards hold)
 # ("momentum" is read only where a scheduler took the momentum over: momentum_bounds None)
-STATIC_KEYS = [
-    "burn_in_steps",
-    "momentum_bounds",
-    "momentum",
-    "momentum_ramp_steps",
-    "cubic_weight",
-    "repulsive_weight",
-]
+STATIC_KEYS = ["burn_in_steps", "momentum_bounds", "momentum", "momentum_ramp_steps", "cubic_weight"]
 STATIC_KEYS += ["repulsive_weight", "ema_decay", "weight_decay", "reset_growth", "regularizer_schedule", "reference_lr"]
 _COMPILED: dict[tuple, Callable[..., Any]] = {}
 
@@ -174,6 +164,15 @@ def _compiled(key: tuple) -> Callable[..., Any]:
         copy = types.FunctionType(code, graph_step.__globals__, code.co_name, graph_step.__defaults__)
         fn = _COMPILED[key] = torch.compile(copy, fullgraph=True, dynamic=False, options={"size_asserts": False})
     return fn
+
+
+def constants_of(group: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`graph_step` reads of a group: its constants (``STATIC_KEYS``), ``lr``, ``n`` and
+    ``check`` (``nonfinite="skip"``: the finite check masks the writes)."""
+    static = {k: group[k] for k in STATIC_KEYS}
+    if group["momentum_bounds"] is not None:  # (the ramp's mu is computed; the host's reported one changes)
+        del static["momentum"]
+    return dict(static, lr=group["lr"], n=group_numel(group), check=group["nonfinite"] == "skip")
 
 
 def device_update(
@@ -198,19 +197,13 @@ def device_update(
         sync_counters(opt, only=gi)
     sched = schedule_of(opt, gi, params)
     opt._unsynced[gi] = opt._unsynced.get(gi, 0) + 1
-    n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-    check = group["nonfinite"] == "skip"
-    f = acc_dtype(params)
-    static = {k: group[k] for k in STATIC_KEYS}
-    if group["momentum_bounds"] is not None:  # (the ramp's mu is computed; the host's reported one changes)
-        del static["momentum"]
-    key = hash(repr(static))  # (groups of other constants get graphs of their own)
-    lr = group["lr"]
+    static = constants_of(group)
+    key = hash(repr({k: v for k, v in static.items() if k != "lr"}))  # (other constants: graphs of their own)
+    lr, f = static["lr"], acc_dtype(params)
     static["lr"] = lr.to(f) if isinstance(lr, Tensor) else torch.full((), lr, dtype=f, device=params[0].device)
-    static.update(n=n, check=check)
     if compiled:
         shapes = hash(tuple(tuple(t.shape) for t in params))
-        ckey = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, n, check, key)
+        ckey = (len(params), params[0].dtype, params[0].device.type, shapes, vs is None, key)
         try:
             F.neumann(params, grads, ms, vs, schedule=sched, constants=static, compile_key=ckey)
             return sched["sq"].clone()

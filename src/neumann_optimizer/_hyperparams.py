@@ -170,13 +170,13 @@ def regularizer_scale(group: dict[str, Any], lr: Any = None) -> Any:
 def regularizer_weights(group: dict[str, Any]) -> tuple[float, float]:
     """``(alpha, beta)`` of a group's next regularized step: ``beta = repulsive_weight * n``, both
     scaled by :func:`regularizer_scale`."""
-    n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
     scale = regularizer_scale(group)
-    return scale * group["cubic_weight"], scale * group["repulsive_weight"] * n
+    return scale * group["cubic_weight"], scale * group["repulsive_weight"] * group_numel(group)
 
 
-def real_numel(p: Tensor) -> int:
-    return p.numel() * (2 if p.is_complex() else 1)
+def group_numel(group: dict[str, Any]) -> int:
+    """``n``: the real scalars of a group's trainable parameters (a complex one counts twice)."""
+    return sum(p.numel() * (2 if p.is_complex() else 1) for p in group["params"] if p.requires_grad)
 
 
 def describe_step(step: int, plan: Any, lr: float, sq: Any, alpha: float, beta: float) -> dict[str, Any]:

@@ -293,7 +293,7 @@ def neumann(
 
         assert constants is not None, "the device schedule needs the group's constants"
         step = _compiled(compile_key) if compile_key is not None else graph_step
-        step(constants, schedule, params, grads, ms, vs, None, constants["n"], constants["check"])
+        step(constants, schedule, params, grads, ms, vs)
         return schedule["sq"]
     if phase is None:
         raise TypeError("neumann(): give the step's phase (host schedule) or a device schedule")

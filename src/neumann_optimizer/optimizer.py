@@ -20,7 +20,7 @@ from ._advice import ScheduleWarning, check_run_length, warn_scheduler_momentum
 from ._checkpoint import buffers, check_state_dict, saved_averages, v_dtype, with_shapes, without_shapes
 from ._distributed import is_dtensor, local_tensor
 from ._evaluation import EvaluationWeights
-from ._graph_step import SYNC_EVERY, device_update, refresh, schedule_of, sync_counters
+from ._graph_step import SYNC_EVERY, constants_of, device_update, refresh, schedule_of, sync_counters
 from ._hyperparams import (
     EPOCH_DEFAULTS,
     NONFINITE_MODES,
@@ -29,7 +29,6 @@ from ._hyperparams import (
     describe_groups,
     describe_step,
     is_lean,
-    real_numel,
     regularizer_scale,
     regularizer_weights,
     resolve_group,
@@ -357,9 +356,7 @@ class Neumann(EvaluationWeights, Optimizer):
         ms, vs = buffers(self.state, params, lean)
         sched = schedule_of(self, gi, params)
         self._unsynced.pop(gi, None)  # the host counters no longer follow the device ones
-        n = sum(real_numel(p) for p in group["params"] if p.requires_grad)
-        consts = {**group, "n": n, "check": group["nonfinite"] == "skip"}
-        F.neumann(params, grads, ms, None if lean else vs, schedule=sched, constants=consts)
+        F.neumann(params, grads, ms, None if lean else vs, schedule=sched, constants=constants_of(group))
         # (nothing else of the optimizer is touched here: any Python value read or written in this
         # frame becomes a guard; the host learns of the step from the device schedule when it asks)
 

@@ -149,6 +149,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
     wide_protocol = Protocol(**meta["wide_protocol"])
     labels = {k: v["label"] for k, v in meta["variants"].items()}
     rows = _rows(cells_of(payload["runs"]), protocol, wide_protocol)
+    against = _contrasts(rows)
     lines = [
         "# regularizers: does Neumann keep its best quality to the end of the run?\n",
         "Every cell tuned by the tuning protocol (the wide cell: a 3-rate grid, no refinement), then "
@@ -159,7 +160,7 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
         "force beta/r^2 exceeded the mini-batch gradient norm, whole run / last 10% of steps; 'vs paper': the "
         "final error's difference from the paper's regularizers in the same cell (positive: the variant is worse) on "
         "the seeds that did not tune the rate, with its 95% Welch interval and Welch's p Holm-adjusted over the "
-        f"study's family (every variant against the paper's regularizers in every cell: {len(_contrasts(rows))} "
+        f"study's family (every variant against the paper's regularizers in every cell: {len(against)} "
         "tests); 'equivalent within ±0.3' where the 90% interval lies inside ±0.3 points.\n",
     ]
     summary: dict[str, Any] = {}
@@ -173,7 +174,6 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
             "| variant | tuned lr | rates tried | final % | best % (epoch) | late loss | repulsive > |g| | vs paper |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        against = _contrasts(rows)
         for v, row in per_v.items():
             vs = said_error(against[(cname, v)], "variant") if (cname, v) in against else "—"
             lines.append(
