@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from neumann_optimizer import Neumann, _native
+from neumann_optimizer import functional as F
 
 METADATA_OPS = {"detach", "alias", "lift_fresh", "view", "_unsafe_view", "as_strided", "expand", "t", "permute"}
 
@@ -205,7 +206,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--total", type=int, default=2**20, help="scalars per model (default 2^20)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        help="elements per chunk of the multi-tensor step (functional.UPCAST_CHUNK, default 2^24): "
+        "below --total, a group of several chunks",
+    )
+    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these (the baseline always runs)")
     args = parser.parse_args()
+    if args.chunk:
+        F.UPCAST_CHUNK = args.chunk
     rows = []
     print(
         "| step | dtype | tensors | groups | kernels | bytes/param | vs Adam(fused) | host reads "
@@ -218,7 +228,8 @@ def main() -> None:
             for groups in (1, 2):
                 table = optimizers()
                 adam_bytes = math.nan
-                for name in [baseline, *(n for n in table if n != baseline)]:
+                names = [n for n in table if n != baseline and (not args.only or any(o in n for o in args.only))]
+                for name in [baseline, *names]:
                     make, patches = table[name]
                     try:
                         r = measure(make, patches, n_tensors, groups, dtype, args.total)
@@ -238,7 +249,8 @@ def main() -> None:
                     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(total=args.total, torch=torch.__version__, rows=rows), f, indent=1)
+            chunk = F.UPCAST_CHUNK
+            json.dump(dict(total=args.total, chunk=chunk, torch=torch.__version__, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

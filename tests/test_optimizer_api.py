@@ -497,10 +497,11 @@ def test_bfloat16_average_is_float32_and_tracks_its_reference_for_2000_steps(for
     assert max(errs) < 0.01 and gap > 0.1, (errs, gap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_low_precision_update_in_chunks_equals_the_whole_list_at_once(foreach, monkeypatch):
-    """bfloat16 tensors are upcast a chunk at a time (bounded float32 temporaries): the same bits as
-    upcasting the whole list at once."""
+def test_update_in_chunks_equals_the_whole_list_at_once(foreach, dtype, monkeypatch):
+    """The multi-tensor step (and the upcast of bfloat16) runs a chunk of tensors at a time, with
+    bounded temporaries and weight decay on: the same bits as the whole list at once."""
     from conftest import ElementwiseProblem
 
     from neumann_optimizer import functional as F
@@ -508,8 +509,9 @@ def test_low_precision_update_in_chunks_equals_the_whole_list_at_once(foreach, m
     runs = []
     for chunk in (2**62, 40):  # the whole list; chunks of a few small tensors
         monkeypatch.setattr(F, "UPCAST_CHUNK", chunk)
-        problem = ElementwiseProblem([[(6, 5), (5,), (4, 4), (3,)]], 9, dtype=torch.bfloat16)
-        opt = Neumann(problem.params[0], lr=0.05, foreach=foreach, **dict(KW, burn_in_steps=2))
+        problem = ElementwiseProblem([[(6, 5), (5,), (4, 4), (3,)]], 9, dtype=dtype)
+        opt = Neumann(problem.params[0], lr=0.05, foreach=foreach, fused=False, **dict(KW, burn_in_steps=2))
+        opt.param_groups[0]["weight_decay"] = 0.01
         for _ in range(10):
             problem.set_grads()
             opt.step()
@@ -519,3 +521,51 @@ def test_low_precision_update_in_chunks_equals_the_whole_list_at_once(foreach, m
     for a, b in zip(pa, pb, strict=True):
         assert torch.equal(a, b) and torch.equal(oa.state[a]["m"], ob.state[b]["m"])
         assert torch.equal(oa.state[a]["v"], ob.state[b]["v"])
+
+
+def test_multi_tensor_step_holds_no_temporary_larger_than_a_chunk(monkeypatch):
+    """Counted with a dispatch mode: the fresh tensors alive at once during a float32 multi-tensor
+    step (burn-in, reset and regularized steps, weight decay on) never exceed three chunks (the
+    kept w - v, a recomputed one, g + wd w), where one whole-list temporary would be 8 chunks."""
+    import contextlib
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from neumann_optimizer import functional as F
+
+    class Live(TorchDispatchMode):
+        live = peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and id(t) not in ins and t.numel() > 1:
+                    Live.live += t.nbytes
+                    weakref.finalize(t, self.free, t.nbytes)
+            Live.peak = max(Live.peak, Live.live)
+            return out
+
+        @staticmethod
+        def free(n):
+            Live.live -= n
+
+    chunk = 2000
+    peaks = {}
+    for size in (chunk, 2**62):
+        monkeypatch.setattr(F, "UPCAST_CHUNK", size)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(1000)) for _ in range(16)]  # 8 chunks
+        opt = Neumann(params, lr=0.01, foreach=True, fused=False, weight_decay=0.01, **dict(KW, burn_in_steps=2))
+        Live.live = Live.peak = 0
+        for k in range(8):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            with Live() if k else contextlib.nullcontext():  # (the first step creates the state)
+                opt.step()
+        assert opt.step_record()["phase"] == "neumann"
+        peaks[size] = Live.peak
+    assert peaks[chunk] <= 3 * chunk * 4, peaks
+    assert peaks[2**62] >= 16 * 1000 * 4, peaks  # the measure sees a whole-list temporary

@@ -47,6 +47,8 @@ def regularizer_coefficient(r: Any, cubic_weight: Any, repulsive_weight_total: A
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# the last chunk's differences w - v, kept from the norm for the update: (start index, diffs)
+Kept = tuple[int, "list[Tensor] | tuple[Tensor, ...]"] | None
 
 
 def low_precision(ts: list[Tensor]) -> bool:
@@ -91,40 +93,37 @@ def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> T
     bfloat16/float16 differences and norms are computed in float32 (a low-precision norm,
     rounded before it is squared and summed, is off by several ulp, and ``beta / r^3`` triples
     that error), a chunk of tensors at a time."""
-    if not params:
-        return torch.zeros(())
-    if any(t.dtype in LOW_PRECISION for t in params):
-        parts = [
-            squared_distance_and_diffs(_upcast(params[a:b]), _upcast(vs[a:b]), foreach)[0] for a, b in _chunks(params)
-        ]
-        return torch.stack(parts).sum()
     return squared_distance_and_diffs(params, vs, foreach)[0]
 
 
-def squared_distance_and_diffs(
-    params: list[Tensor], vs: list[Tensor], foreach: bool
-) -> tuple[Tensor, list[Tensor] | tuple[Tensor, ...] | None]:
-    """:func:`squared_distance` of tensors of one precision, and (multi-tensor path) the differences
-    ``w - v`` it computed, for the update to reuse: ``w - v`` is computed once per step."""
+def squared_distance_and_diffs(params: list[Tensor], vs: list[Tensor], foreach: bool) -> tuple[Tensor, Kept]:
+    """:func:`squared_distance`, summed a chunk of tensors at a time (``_chunks``), and (multi-tensor
+    path, one precision) the differences ``w - v`` of the last chunk, for the update to reuse:
+    ``(start, diffs)`` of ``params[start:]``, else ``None``. No temporary outlives its chunk but
+    that one, so a group of at most ``UPCAST_CHUNK`` elements computes ``w - v`` once per step and
+    a larger one recomputes it for all chunks but the last."""
+    if not params:
+        return torch.zeros(()), None
+    low = low_precision(params)
     acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    norms: list[Tensor] | tuple[Tensor, ...]
-    diffs = None
-    if foreach:
-        diffs = torch._foreach_sub(params, vs)
-        norms = torch._foreach_norm(diffs, 2.0)
-    else:
-        norms = [torch.linalg.vector_norm(w - v) for w, v in zip(params, vs, strict=True)]
-    dev = params[0].device
-    stacked = torch.stack([n.to(device=dev, dtype=acc_dtype) for n in norms])
-    return (stacked * stacked).sum(), diffs
+    parts, kept = [], None
+    for a, b in _chunks(params):
+        lw, lv = (_upcast(params[a:b]), _upcast(vs[a:b])) if low else (params[a:b], vs[a:b])
+        norms: list[Tensor] | tuple[Tensor, ...]
+        if foreach:
+            diffs = torch._foreach_sub(lw, lv)
+            norms = torch._foreach_norm(diffs, 2.0)
+            kept = None if low else (a, diffs)
+        else:
+            norms = [torch.linalg.vector_norm(w - v) for w, v in zip(lw, lv, strict=True)]
+        parts.append(torch.stack([n.to(device=lw[0].device, dtype=acc_dtype) for n in norms]))
+    stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return (stacked * stacked).sum(), kept
 
 
-def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float, foreach: bool) -> list[Tensor]:
-    if weight_decay == 0.0:
-        return grads
-    if foreach:
-        return list(torch._foreach_add(grads, params, alpha=weight_decay))
-    return [g.add(w, alpha=weight_decay) for w, g in zip(params, grads, strict=True)]
+def _with_weight_decay(params: list[Tensor], grads: list[Tensor], weight_decay: float) -> list[Tensor]:
+    """``g + wd w`` of a chunk (multi-tensor; the for-loop adds it a tensor at a time)."""
+    return grads if weight_decay == 0.0 else list(torch._foreach_add(grads, params, alpha=weight_decay))
 
 
 def _single_tensor_neumann(
@@ -138,9 +137,11 @@ def _single_tensor_neumann(
     momentum: float,
     coef: Tensor | None,
     ema_decay: float,
+    weight_decay: float = 0.0,
 ) -> None:
     for i, (w, g, m) in enumerate(zip(params, grads, ms, strict=True)):
         v = vs[i] if vs is not None else None
+        g = g.add(w, alpha=weight_decay) if weight_decay != 0.0 else g
         if phase is Phase.BURN_IN:
             w.add_(g, alpha=-lr)
             continue
@@ -176,7 +177,8 @@ def _multi_tensor_neumann(
     ds: list[Tensor] | tuple[Tensor, ...]
     if phase is Phase.RESET:
         ds = grads
-        torch._foreach_copy_(ms, torch._foreach_mul(grads, -lr))
+        torch._foreach_copy_(ms, grads)  # m <- -lr g in place: the same bits as mul(g, -lr, out=m)
+        torch._foreach_mul_(ms, -lr)
     else:
         if vs is None:  # lean: no regularizer, d = g
             ds = grads
@@ -205,7 +207,7 @@ def neumann_update(
     ema_decay: float,
     weight_decay: float,
     foreach: bool,
-    diffs: list[Tensor] | tuple[Tensor, ...] | None = None,
+    diffs: Kept = None,
 ) -> None:
     """Apply one step of one group in place (see the module docstring for the equations).
 
@@ -214,32 +216,37 @@ def neumann_update(
     ``vs=None`` is the lean step of a group whose regularizers are both 0: no ``v`` to read or
     write, ``d = g`` (Nesterov momentum in the displaced form).
 
-    bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the compiled
-    path does), so the result is within half an ulp of a float64 step instead of accumulating
-    one rounding per operation; they are upcast a chunk of tensors at a time (``UPCAST_CHUNK``
-    elements), so the float32 copies never hold the whole list. ``diffs``: the ``w - v`` the norm
-    was summed from (multi-tensor path), reused in the ``NEUMANN`` phase. (:func:`neumann` is the
-    entry that picks the body and computes ``coef``.)
+    The multi-tensor step runs a chunk of tensors at a time (``UPCAST_CHUNK`` elements, a larger
+    tensor alone), so no temporary (``w - v``, ``g + wd w``, a float32 copy) holds more than a
+    chunk. bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the
+    compiled path does), so the result is within half an ulp of a float64 step instead of
+    accumulating one rounding per operation. ``diffs``: the last chunk's ``w - v`` the norm was
+    summed from (:func:`squared_distance_and_diffs`), reused in the ``NEUMANN`` phase.
+    (:func:`neumann` is the entry that picks the body and computes ``coef``.)
     """
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
-    if low_precision(params):
-        for a, b in _chunks(params):  # float32 copies of a chunk, rounded back once (burn-in: w alone)
-            v = vs[a:b] if vs is not None else None
-            up = [_upcast(ts) for ts in (params[a:b], grads[a:b], ms[a:b], v or [])]
-            neumann_update(
-                up[0], up[1], up[2], up[3] if v is not None else None, weight_decay=weight_decay, foreach=foreach, **kw
-            )
-            written = (params[a:b], ms[a:b], v or []) if phase is not Phase.BURN_IN else (params[a:b],)
-            for dsts, srcs in zip(written, (up[0], up[2], up[3]), strict=False):
-                for dst, src in zip(dsts, srcs, strict=True):
-                    if dst is not src:
-                        dst.copy_(src)
+    if not foreach and not low_precision(params):  # the for-loop: temporaries of one tensor
+        _single_tensor_neumann(params, grads, ms, vs, weight_decay=weight_decay, **kw)
         return
-    grads = _with_weight_decay(params, grads, weight_decay, foreach)
-    if foreach:
-        _multi_tensor_neumann(params, grads, ms, vs, diffs=diffs, **kw)
-    else:
-        _single_tensor_neumann(params, grads, ms, vs, **kw)
+    for a, b in _chunks(params):
+        v = vs[a:b] if vs is not None else None
+        if not low_precision(params[a:b]):
+            chunk_diffs = diffs[1] if diffs is not None and diffs[0] == a else None
+            gs = _with_weight_decay(params[a:b], grads[a:b], weight_decay)
+            _multi_tensor_neumann(params[a:b], gs, ms[a:b], v, diffs=chunk_diffs, **kw)
+            continue
+        # float32 copies of a chunk, rounded back once (burn-in: w alone)
+        up = [_upcast(ts) for ts in (params[a:b], grads[a:b], ms[a:b], v or [])]
+        uv = up[3] if v is not None else None
+        if foreach:
+            _multi_tensor_neumann(up[0], _with_weight_decay(up[0], up[1], weight_decay), up[2], uv, **kw)
+        else:
+            _single_tensor_neumann(up[0], up[1], up[2], uv, weight_decay=weight_decay, **kw)
+        written = (params[a:b], ms[a:b], v or []) if phase is not Phase.BURN_IN else (params[a:b],)
+        for dsts, srcs in zip(written, (up[0], up[2], up[3]), strict=False):
+            for dst, src in zip(dsts, srcs, strict=True):
+                if dst is not src:
+                    dst.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,10 +314,7 @@ def neumann(
     foreach = True if foreach is None else foreach
     coef = diffs = sq = None
     if phase is Phase.NEUMANN and vs is not None:
-        if foreach and not low_precision(params):  # w - v once: the norm's differences feed the update
-            sq, diffs = squared_distance_and_diffs(params, vs_, True)
-        else:
-            sq = squared_distance(params, vs_, foreach)
+        sq, diffs = squared_distance_and_diffs(params, vs_, foreach)  # (the last chunk's w - v feeds the update)
         sq = reduce(sq) if reduce is not None else sq
         coef = regularizer_coefficient(sq.sqrt(), cubic_weight, repulsive_weight_total)
     neumann_update(
