@@ -18,6 +18,7 @@ MODULES = (
     "regularizers",
     "critical_batch",
     "ingredients",
+    "cubic_weight",
     "architectures",
 )
 

@@ -134,11 +134,13 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> tu
 
 class _RegularizerMonitor:
     """Reads the optimizer's own record of each step (:meth:`Neumann.step_record`): the fraction of
-    regularized steps whose repulsive force ``beta/r^2`` exceeds the mini-batch gradient norm, and a
-    per-epoch trace of ``r = ||w - v||``, the learning rate and that fraction."""
+    regularized steps whose repulsive force ``beta/r^2`` exceeds the mini-batch gradient norm, the
+    cubic force ``alpha r^2`` as a share of that norm, and a per-epoch trace of ``r = ||w - v||``,
+    the learning rate and that fraction."""
 
     def __init__(self) -> None:
         self.wins: list[tuple[int, bool]] = []  # (step index, repulsive force > ||g||)
+        self.cubic_shares: list[float] = []  # cubic force / ||g|| of each regularized step
         self._epoch: list[tuple[float, bool]] = []  # (r, repulsive > ||g||) of this epoch's steps
 
     @torch.no_grad()
@@ -151,6 +153,8 @@ class _RegularizerMonitor:
         g = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps))
         win = rec["repulsive_force"] > g
         self.wins.append((rec["step"], win))
+        if g > 0:
+            self.cubic_shares.append(rec["cubic_force"] / g)
         self._epoch.append((rec["distance"], win))
 
     def end_epoch(self, opt: Neumann) -> dict[str, float | None]:
@@ -394,4 +398,6 @@ def _run(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, 
         overall, last = monitor.fractions(total)
         out["repulsive_exceeds_grad_fraction"] = overall
         out["repulsive_exceeds_grad_fraction_last10"] = last
+        if monitor.cubic_shares:
+            out["cubic_share_median"] = statistics.median(monitor.cubic_shares)
     return out
