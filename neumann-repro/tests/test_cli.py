@@ -205,7 +205,9 @@ def test_concurrent_processes_share_the_data_cache(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mnist1d-4k.npz"]  # no temporary files left
 
 
-@pytest.mark.parametrize("study", ["calibration", "compare", "batch-scaling", "ablation", "seeds", "regularizers"])
+@pytest.mark.parametrize(
+    "study", ["calibration", "compare", "batch-scaling", "ablation", "seeds", "regularizers", "cubic-weight"]
+)
 def test_quick_studies_reach_the_neumann_phase(study, tmp_path, monkeypatch):
     """Every Neumann run of a quick study spends at least 50 steps (and most of its epochs) past
     the burn-in. Checked on the configs the study asks for, with training replaced by a stub."""

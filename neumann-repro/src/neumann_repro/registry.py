@@ -19,6 +19,7 @@ MODULES = (
     "critical_batch",
     "ingredients",
     "cubic_weight",
+    "tight_targets",
     "architectures",
 )
 

@@ -83,7 +83,7 @@ class Runner:
             if self.results_dir is not None and self.results_dir.is_dir():
                 for path in sorted(self.results_dir.glob("*.json")):
                     for r in json.loads(path.read_text()).get("runs", []):
-                        rec = {k: v for k, v in r.items() if k != "cell"}
+                        rec = {k: v for k, v in r.items() if k not in ("cell", "cells")}
                         self._known[config_key(rec["config"])] = rec
         return self._known
 

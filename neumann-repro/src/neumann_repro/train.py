@@ -62,6 +62,21 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
+NEUMANN_BURN_IN_EPOCHS, NEUMANN_MU_MAX = 5, 0.9  # the library's defaults (tau: one epoch)
+
+
+def neumann_matched_factor(step: int, steps_per_epoch: int) -> float:
+    """A warm-up for momentum-0.9 SGD that follows Neumann's effective step size ``lr / (1 - mu_t)``
+    under the library's defaults, as a share of SGD's own ``lr / (1 - 0.9)``: 0.1 through the 5-epoch
+    burn-in (plain SGD, ``mu = 0``), then ``(1 - 0.9) (1 + t / tau) = 0.1 (1 + t / tau)`` while
+    Neumann's momentum ramps (``mu_t = 1 - 1 / (1 + t / tau)``, ``tau`` one epoch), reaching 1 when
+    ``mu_t`` reaches 0.9, 9 epochs later: 14 epochs in all."""
+    t = step + 1 - NEUMANN_BURN_IN_EPOCHS * steps_per_epoch
+    if t <= 0:
+        return 1.0 - NEUMANN_MU_MAX
+    return min(1.0, (1.0 - NEUMANN_MU_MAX) * (1.0 + t / steps_per_epoch))
+
+
 def paper_lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear ramp for ``warmup`` steps, times 0.3 every ``total / 5`` steps (from step 0)."""
     ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -213,10 +228,15 @@ def _noise_probe(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -
     return est.trace_sigma, est.grad_sq_norm
 
 
+def _times(f: Callable[[int], float], g: Callable[[int], float], step: int) -> float:
+    return f(step) * g(step)
+
+
 def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict[str, Any]:
     """A run with a budget of ``cfg["steps"]`` optimizer steps (critical-batch study): the learning
     rate warms up linearly over ``warmup_frac`` of the budget (the baselines' configs have it;
-    Neumann's burn-in is its own warmup, unless a config gives it one too) and decays to 0 by
+    Neumann's burn-in is its own warmup, unless a config gives it one too), or with ``warmup``
+    ``"neumann"`` by :func:`neumann_matched_factor`, and decays to 0 by
     cosine at the budget's end; validation and test errors are taken at ``evals`` evenly spaced
     points (Neumann at its evaluation weights). With ``noise_scale``, each point also
     estimates tr(Sigma) and |G|^2 at the training weights (``_noise_probe``)."""
@@ -228,7 +248,12 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
     total = int(cfg["steps"])
     opt = make_optimizer(cfg, model, steps_per_epoch)
     warmup = int(cfg.get("warmup_frac", 0.0) * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, total=total, warmup=warmup))
+    factor = functools.partial(lr_factor, total=total, warmup=warmup)
+    if cfg.get("warmup") == "neumann":  # cosine decay times the warm-up matched to Neumann's schedule
+        factor = functools.partial(
+            _times, factor, functools.partial(neumann_matched_factor, steps_per_epoch=steps_per_epoch)
+        )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     evals = max(1, int(cfg.get("evals", 16)))
     points = sorted({max(1, round(total * k / evals)) for k in range(1, evals + 1)})
     gen = torch.Generator().manual_seed(cfg["seed"])

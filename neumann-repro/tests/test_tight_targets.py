@@ -1,0 +1,60 @@
+"""The tight-targets study on a synthetic runner (critical-batch's): each target's ladder search finds
+its own smallest budget, tighter targets need more steps, and searches of several targets share runs
+(through the run cache; each config stored once with every cell it serves). Also the SGD warm-up matched to
+Neumann's schedule, against its formula."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from neumann_repro.studies import tight_targets as tt
+from neumann_repro.study import Settings
+from neumann_repro.train import neumann_matched_factor
+from test_critical_batch import Synthetic
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tt, "VARIANTS", {k: tt.VARIANTS[k] for k in ("sgd", "adamw")})
+        mp.setattr(tt, "TARGETS", (10.0, 5.0))
+        mp.setattr(tt, "BATCHES", [64, 1024])
+        runner = Synthetic(tmp_path)
+        tt.tight_targets(runner, Settings(quick=False, epochs=1))  # epochs: not a documented run (no docs write)
+    payload = json.loads((tmp_path / "tight-targets" / "results.json").read_text())
+    return runner, payload
+
+
+def test_each_target_finds_its_budget_and_tighter_needs_more_steps(study):
+    _, payload = study
+    cells = tt.cells_of(payload["runs"])
+    for name in ("sgd", "adamw"):
+        for b in (64, 1024):
+            loose = tt.results_at(cells, 10.0, [name], [b])[name][b]
+            tight = tt.results_at(cells, 5.0, [name], [b])[name][b]
+            assert loose.smallest is not None and tight.smallest is not None
+            assert loose.verified(64) and tight.verified(64)
+            assert tt.median_steps(tight) > tt.median_steps(loose)
+
+
+def test_targets_share_runs_and_the_payload_stores_each_once(study):
+    runner, payload = study
+    keys = {json.dumps(c, sort_keys=True) for c in runner.seen}  # (the run cache trains each once)
+    shared = [r for r in payload["runs"] if len({c.split("/")[0] for c in r["cells"]}) > 1]
+    assert shared and len(payload["runs"]) == len(keys)
+    assert all(r["cell"] == r["cells"][0] for r in payload["runs"])
+
+
+def test_the_matched_warm_up_follows_neumanns_effective_step():
+    spe = 100
+    burn_in = [neumann_matched_factor(k, spe) for k in range(5 * spe)]
+    assert burn_in == [pytest.approx(0.1)] * (5 * spe)  # plain SGD through the burn-in: lr, not lr / 0.1
+    for epochs in (1, 4, 8.9):  # then lr / (1 - mu_t) over lr / (1 - 0.9), mu_t = 1 - 1 / (1 + t / tau)
+        t = int(epochs * spe)
+        mu = 1 - 1 / (1 + t / spe)
+        assert neumann_matched_factor(5 * spe + t - 1, spe) == pytest.approx(0.1 / (1 - mu))
+    assert neumann_matched_factor(14 * spe, spe) == 1.0 and neumann_matched_factor(50 * spe, spe) == 1.0
+    assert math.isclose(neumann_matched_factor(5 * spe + 9 * spe - 1, spe), 1.0)
