@@ -105,19 +105,23 @@ def critical_batch(runner: Runner, s: Settings) -> str:
         flat.append({"cell": f"noise/{name}", **res})
     payload = dict(
         study="critical-batch",
-        meta={
-            **st,
-            "variants": names,
-            "report_seeds": list(report_seeds(QUICK_REPORT if s.quick else REPORT_SEEDS)),
-            "warmup_frac": WARMUP_FRAC,
-            "evals": EVALS,
-            "ladder": 2,  # the ladder protocol (neumann_repro.ladder)
-            "probe_batch": probe_batch,
-            **({"neumann_burn_in_epochs": 1} if s.quick else {}),
-        },
+        meta={**ladder_meta(st, names, s.quick), "probe_batch": probe_batch},
         runs=flat,
     )
     return finish(runner, s, payload, render_critical_batch)
+
+
+def ladder_meta(st: dict[str, Any], names: list[str], quick: bool) -> dict[str, Any]:
+    """A ladder study's meta: its settings, variants, reporting seeds, warm-up and evaluation spacing."""
+    return {
+        **st,
+        "variants": names,
+        "report_seeds": list(report_seeds(QUICK_REPORT if quick else REPORT_SEEDS)),
+        "warmup_frac": WARMUP_FRAC,
+        "evals": EVALS,
+        "ladder": 2,  # the ladder protocol (neumann_repro.ladder)
+        **({"neumann_burn_in_epochs": 1} if quick else {}),
+    }
 
 
 # ---------------------------------------------------------------- rendering

@@ -14,20 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..ladder import REPORT_SEEDS, CellResult, cell_result, report_seeds, run_searches
+from ..ladder import CellResult, cell_result, run_searches
 from ..optimizers import LABELS
 from ..plotting import pyplot, save_figure, steps_axes, style
 from ..runner import Runner, config_key
 from ..study import Payload, Rendered, Settings, Study
 from .batch_scaling import BATCH_VARIANTS
 from .critical_batch import (
-    EVALS,
     FULL,
     QUICK,
-    QUICK_REPORT,
-    WARMUP_FRAC,
     contrast_table,
     critical_batch_size,
+    ladder_meta,
     ladder_text,
     median_steps,
     searches_for,
@@ -87,15 +85,7 @@ def tight_targets(runner: Runner, s: Settings) -> str:
                 unique.setdefault(config_key(r["config"]), {**r, "cells": []})["cells"].append(cell)
     payload = dict(
         study="tight-targets",
-        meta={
-            **st,
-            "variants": names,
-            "report_seeds": list(report_seeds(QUICK_REPORT if s.quick else REPORT_SEEDS)),
-            "warmup_frac": WARMUP_FRAC,
-            "evals": EVALS,
-            "ladder": 2,
-            **({"neumann_burn_in_epochs": 1} if s.quick else {}),
-        },
+        meta=ladder_meta(st, names, s.quick),
         runs=[{**{k: v for k, v in r.items() if k != "cell"}, "cell": r["cells"][0]} for r in unique.values()],
     )
     return finish(runner, s, payload, render_tight_targets)
