@@ -151,7 +151,8 @@ def neumann(
         reset_growth: factor by which the reset interval grows after every reset.
         momentum: ``(mu_min, mu_max)`` for the paper's ramp, or one number: a constant ``mu``.
         momentum_ramp_steps: ``tau`` of the ramp.
-        cubic_weight: ``alpha`` of the cubic regularizer ``alpha/3 ||w - v||^3``.
+        cubic_weight: ``alpha`` of the cubic regularizer ``alpha/3 ||w - v||^3``; the paper's 1e-7, kept
+            as the PyTorch class keeps it (the project's sweep found no better strength).
         repulsive_weight: ``beta / n`` of the repulsive term ``beta / ||w - v||``; 0 by default, as
             in the PyTorch class (the paper's Table 1 has 1e-5: pass it for the paper exactly).
         ema_decay: ``gamma``, decay of the moving average ``v``.
