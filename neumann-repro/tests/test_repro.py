@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 from neumann_repro import runner as runner_mod
 from neumann_repro.cli import main
 from neumann_repro.tasks import load_cifar10, load_task, make_model
-from neumann_repro.tuning import Protocol, lr_at, lr_index, summarize, tune
+from neumann_repro.tuning import FULL_PROTOCOL, Protocol, choose, lr_at, lr_index, summarize, tune
 
 
 def _no_training(monkeypatch):
@@ -150,6 +150,35 @@ def test_tuning_extends_the_grid_until_the_choice_is_inside(best, centre):
     refined = sorted(set(row["tried"]) - set(grid))
     assert len(refined) == 2 and refined[0] < best < refined[1]
     assert refined == pytest.approx([best / 10**0.25, best * 10**0.25], rel=0.12)
+
+
+class _CollapsingRunner(_SyntheticRunner):
+    """Rates at or above ``cliff`` collapse to chance (about 90% validation error, no NaN): the noise
+    of a collapse must not choose among them."""
+
+    def __init__(self, best: float, cliff: float) -> None:
+        super().__init__(best)
+        self.cliff = cliff
+
+    def run_all(self, configs, desc=""):
+        out = super().run_all(configs, desc)
+        for r in out:
+            if r["config"]["lr"] >= self.cliff:  # collapses whose noise reads lowest at 0.56, mid-grid
+                noise = (math.log10(r["config"]["lr"]) - math.log10(0.56)) ** 2
+                r["history"] = [dict(val_error=90.0 + noise, test_error=90.0)]
+        return out
+
+
+def test_a_grid_whose_rates_all_collapse_grows_downwards():
+    fake = _CollapsingRunner(best=0.1, cliff=0.3)
+    protocol = Protocol(**FULL_PROTOCOL, final_seeds=3)
+    runs = tune(fake, {"c": ({}, 0.56)}, protocol, "t")["c"]  # starts at 0.32, 0.56, 1: every rate collapses
+    row = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
+    assert row["lr"] < 0.3 and row["interior"] and row["test_mean"] < 20
+    assert min(row["tried"]) < row["lr"] < 0.3 <= max(row["tried"])
+    only_collapses = [r for r in runs if r["config"]["lr"] >= 0.3]
+    choice = choose(only_collapses, protocol.tune_seeds, protocol.score)
+    assert choice.lr == min(r["config"]["lr"] for r in only_collapses) and not choice.interior
 
 
 def test_tuning_stops_at_the_extension_cap_and_says_so():

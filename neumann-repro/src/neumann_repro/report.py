@@ -27,13 +27,14 @@ as hard as the method):
   decade (..., 0.1, 0.18, 0.32, 0.56, 1, 1.8, ...). Each cell (optimizer x batch size x task)
   starts from 3 consecutive grid rates around a guess and is tuned by 2 seeds (0 and 1); a rate
   scores its *worse* seed's final validation error (a divergence or a miss on either counts against
-  it; ties: the smaller rate). While the choice lies on an edge of the rates tried, the grid is
+  it; ties: the smaller rate; a failed run, diverged or ended at 80% validation error or worse, scores
+  infinitely bad). While the choice lies on an edge of the rates tried, the grid is
   extended beyond that edge (at most 6 times). The tables say how many rates each cell tried,
   whether its choice lies strictly inside them, and what the next rate up did.
 - **Seeds**: the chosen rate is then trained with 4 more seeds (2-5), the *reporting* seeds: the
   tables' means ± standard deviations and every verdict use them alone. The ladder studies
   (critical-batch, ingredients) choose their budget and rate on the tuning seeds and report 8 seeds
-  (`neumann_repro.ladder`). batch-scaling, regularizers and architectures still render runs of the
+  (`neumann_repro.ladder`). regularizers and architectures still render runs of the
   earlier protocol (1-3-10 grid with two midpoints, one tuning seed, 2 reporting seeds) until their
   reruns land.
 - **Warmup**: a fixed, documented fraction rather than a tuned one: the baselines warm up linearly

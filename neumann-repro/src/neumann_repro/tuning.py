@@ -14,11 +14,13 @@ every choice from the committed results without training.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import ladder
+from .rates import failed
 from .runner import Runner
 from .runs import final, mean_std
 
@@ -68,14 +70,17 @@ class Choice:
 
 def choose(runs: Sequence[dict[str, Any]], tune_seeds: int, score: str = "mean") -> Choice:
     """The rate with the lowest mean (``score="worse"``: highest) final validation error over the
-    tuning seeds (pure); a diverged run scores chance."""
+    tuning seeds (pure). A failed run (diverged, or collapsed: ended at ``rates.FAILED_AT``% or worse)
+    scores infinity, so a rate with one never wins over one without, and where every rate tried
+    failed the choice is the smallest, on the grid's edge: the grid then grows downwards instead of
+    choosing among collapses by their noise."""
     per_lr: dict[float, list[float]] = {}
     for r in runs:
         if r["config"]["seed"] < tune_seeds:
-            per_lr.setdefault(float(r["config"]["lr"]), []).append(final(r, "val_error"))
+            per_lr.setdefault(float(r["config"]["lr"]), []).append(math.inf if failed(r) else final(r, "val_error"))
     if not per_lr:
         raise ValueError("no tuning runs to choose from")
-    scores = {lr: (max(v) if score == "worse" else mean_std(v)[0]) for lr, v in per_lr.items()}
+    scores = {lr: (max(v) if score == "worse" else statistics.fmean(v)) for lr, v in per_lr.items()}
     best = min(scores, key=lambda lr: (scores[lr], lr))
     lrs = sorted(scores)
     return Choice(best, scores, len(lrs) >= 3 and lrs[0] < best < lrs[-1])

@@ -257,8 +257,8 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
             f"\n## {name}: {f['model']} on {f['task']}, batch {f['batch']}, {f['epochs']} epochs"
             + (f", clipping at {f['clip']:g}" if clip_col else "")
             + "\n",
-            "| optimizer | tuned lr | rates tried | inside grid | final test error % | epochs to target |"
-            + (" steps clipped |" if clip_col else ""),
+            "| optimizer | tuned lr | rates tried | inside grid (next rate up) | final test error % "
+            "| epochs to target |" + (" steps clipped |" if clip_col else ""),
             "|---|---|---|---|---|---|" + ("---|" if clip_col else ""),
         ]
         for row, r in rows.items():
@@ -266,7 +266,8 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
             clipped = [x.get("clipped_fraction") for x in r["at"]]
             cf = sum(clipped) / len(clipped) if clip_col and clipped and None not in clipped else None
             lines.append(
-                f"| {LABELS[row]} | {r['lr']:g} | {lr_range(r['tried'])} | {'yes' if r['interior'] else 'NO'} | "
+                f"| {LABELS[row]} | {r['lr']:g} | {lr_range(r['tried'])} | "
+                f"{'yes' if r['interior'] else 'NO'} ({r['next_up']}) | "
                 f"{fmt(r['test_mean'], r['test_std'])} | {e if e else '—'} / {f['epochs']} |"
                 + (f" {100 * cf:.0f}% |" if cf is not None else (" — |" if clip_col else ""))
             )

@@ -113,7 +113,8 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
     lines += [
         "\nDetails: optimizer steps per run (for Neumann: of which after burn-in), the rates tried and whether "
         "the chosen one lies strictly inside them, runs diverged at the chosen rate.\n",
-        "| optimizer | batch | steps (Neumann phase) | tuned lr | rates tried | inside grid | diverged |",
+        "| optimizer | batch | steps (Neumann phase) | tuned lr | rates tried | "
+        "inside grid (next rate up, tuning seeds) | diverged |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, per_b in rows.items():
@@ -121,7 +122,7 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
             ns = f" ({r['neumann_steps']})" if r["neumann_steps"] is not None else ""
             lines.append(
                 f"| {LABELS[name]} | {b} | {r['steps']}{ns} | {r['lr']:g} | {lr_range(r['tried'])} | "
-                f"{'yes' if r['interior'] else 'NO'} | {r['diverged']}/{r['seeds']} |"
+                f"{'yes' if r['interior'] else 'NO'} ({r['next_up']}) | {r['diverged']}/{r['seeds']} |"
             )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

@@ -178,7 +178,8 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
             vs = said_error(against[(cname, v)], "variant") if (cname, v) in against else "—"
             lines.append(
                 f"| {labels[v]} | {row['lr']:g} | {len(row['tried'])}: {min(row['tried']):g}-{max(row['tried']):g}"
-                f"{'' if row['interior'] else ' (EDGE)'} | {fmt(row['test_mean'], row['test_std'])} | "
+                f"{'' if row['interior'] else ' (EDGE)'}; next up {row['next_up']} | "
+                f"{fmt(row['test_mean'], row['test_std'])} | "
                 f"{row['best']:.2f} ({row['best_epoch']}) | {row['late_loss']:+.2f} | "
                 f"{row['repulsive_fraction']:.2f} / {row['repulsive_fraction_last10']:.2f} | {vs} |"
             )
