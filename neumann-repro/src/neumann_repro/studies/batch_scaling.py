@@ -194,7 +194,7 @@ STUDY = Study(
         "paper's regularizers) vs SGD+Nesterov, AdamW, LARS, LAMB, every cell tuned (quick: 4k set, batches 64 and "
         "256, 6 epochs with a 1-epoch burn-in)."
     ),
-    full_cost_core_minutes=130,
+    full_cost_core_minutes=310,  # by the runs' clocks (2026-12-07, 414 runs under the full protocol)
     claim=(
         "Table 3, Figure 3",
         "Batch grown 20x (1600 to 32000) with the same epochs and no loss of quality "
