@@ -58,3 +58,10 @@ def test_the_matched_warm_up_follows_neumanns_effective_step():
         assert neumann_matched_factor(5 * spe + t - 1, spe) == pytest.approx(0.1 / (1 - mu))
     assert neumann_matched_factor(14 * spe, spe) == 1.0 and neumann_matched_factor(50 * spe, spe) == 1.0
     assert math.isclose(neumann_matched_factor(5 * spe + 9 * spe - 1, spe), 1.0)
+
+
+def test_the_matched_warm_up_follows_a_shorter_burn_in_too():
+    spe = 50
+    assert neumann_matched_factor(spe - 1, spe, burn_in_epochs=1) == pytest.approx(0.1)
+    assert neumann_matched_factor(spe, spe, burn_in_epochs=1) == pytest.approx(0.1 * (1 + 1 / spe))
+    assert neumann_matched_factor(10 * spe - 1, spe, burn_in_epochs=1) == pytest.approx(1.0)

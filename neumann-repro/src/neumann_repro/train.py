@@ -66,13 +66,13 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 NEUMANN_BURN_IN_EPOCHS, NEUMANN_MU_MAX = 5, 0.9  # the library's defaults (tau: one epoch)
 
 
-def neumann_matched_factor(step: int, steps_per_epoch: int) -> float:
+def neumann_matched_factor(step: int, steps_per_epoch: int, burn_in_epochs: float = NEUMANN_BURN_IN_EPOCHS) -> float:
     """A warm-up for momentum-0.9 SGD that follows Neumann's effective step size ``lr / (1 - mu_t)``
     under the library's defaults, as a share of SGD's own ``lr / (1 - 0.9)``: 0.1 through the 5-epoch
     burn-in (plain SGD, ``mu = 0``), then ``(1 - 0.9) (1 + t / tau) = 0.1 (1 + t / tau)`` while
     Neumann's momentum ramps (``mu_t = 1 - 1 / (1 + t / tau)``, ``tau`` one epoch), reaching 1 when
     ``mu_t`` reaches 0.9, 9 epochs later: 14 epochs in all."""
-    t = step + 1 - NEUMANN_BURN_IN_EPOCHS * steps_per_epoch
+    t = step + 1 - int(burn_in_epochs * steps_per_epoch)
     if t <= 0:
         return 1.0 - NEUMANN_MU_MAX
     return min(1.0, (1.0 - NEUMANN_MU_MAX) * (1.0 + t / steps_per_epoch))
@@ -251,9 +251,9 @@ def _run_steps(cfg: dict[str, Any], data: Dataset, device: torch.device) -> dict
     warmup = int(cfg.get("warmup_frac", 0.0) * total)
     factor = functools.partial(lr_factor, total=total, warmup=warmup)
     if cfg.get("warmup") == "neumann":  # cosine decay times the warm-up matched to Neumann's schedule
-        factor = functools.partial(
-            _times, factor, functools.partial(neumann_matched_factor, steps_per_epoch=steps_per_epoch)
-        )
+        burn = cfg.get("matched_burn_in_epochs", NEUMANN_BURN_IN_EPOCHS)  # (a quick run's is shorter)
+        matched = functools.partial(neumann_matched_factor, steps_per_epoch=steps_per_epoch, burn_in_epochs=burn)
+        factor = functools.partial(_times, factor, matched)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     evals = max(1, int(cfg.get("evals", 16)))
     points = sorted({max(1, round(total * k / evals)) for k in range(1, evals + 1)})

@@ -71,6 +71,9 @@ def tight_targets(runner: Runner, s: Settings) -> str:
     train_size = len(runner.data(st["task"]).x_train)
     names = [n for n in VARIANTS if n in QUICK_VARIANTS] if s.quick else list(VARIANTS)
     variants = {n: VARIANTS[n] for n in names}
+    if s.quick:  # the matched warm-up follows the quick runs' 1-epoch burn-in
+        v, centre = variants["sgd-matched"]
+        variants["sgd-matched"] = ({**v, "matched_burn_in_epochs": 1}, centre)
     searches = []
     for target, scale in zip(st["targets"], START_SCALE, strict=False):
         per = dict(st, target=target, start_examples=st["start_examples"] * scale)
