@@ -96,18 +96,21 @@ def squared_distance(params: list[Tensor], vs: list[Tensor], foreach: bool) -> T
     return squared_distance_and_diffs(params, vs, foreach)[0]
 
 
-def squared_distance_and_diffs(params: list[Tensor], vs: list[Tensor], foreach: bool) -> tuple[Tensor, Kept]:
+def squared_distance_and_diffs(
+    params: list[Tensor], vs: list[Tensor], foreach: bool, spans: list[tuple[int, int]] | None = None
+) -> tuple[Tensor, Kept]:
     """:func:`squared_distance`, summed a chunk of tensors at a time (``_chunks``), and (multi-tensor
     path, one precision) the differences ``w - v`` of the last chunk, for the update to reuse:
     ``(start, diffs)`` of ``params[start:]``, else ``None``. No temporary outlives its chunk but
     that one, so a group of at most ``UPCAST_CHUNK`` elements computes ``w - v`` once per step and
-    a larger one recomputes it for all chunks but the last."""
+    a larger one recomputes it for all chunks but the last. ``spans``: ``_chunks(params)``, where the
+    caller has it."""
     if not params:
         return torch.zeros(()), None
     low = low_precision(params)
     acc_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     parts, kept = [], None
-    for a, b in _chunks(params):
+    for a, b in _chunks(params) if spans is None else spans:
         lw, lv = (_upcast(params[a:b]), _upcast(vs[a:b])) if low else (params[a:b], vs[a:b])
         norms: list[Tensor] | tuple[Tensor, ...]
         if foreach:
@@ -208,6 +211,7 @@ def neumann_update(
     weight_decay: float,
     foreach: bool,
     diffs: Kept = None,
+    spans: list[tuple[int, int]] | None = None,
 ) -> None:
     """Apply one step of one group in place (see the module docstring for the equations).
 
@@ -221,14 +225,15 @@ def neumann_update(
     chunk. bfloat16/float16 tensors are updated in float32 and rounded once at the end (as the
     compiled path does), so the result is within half an ulp of a float64 step instead of
     accumulating one rounding per operation. ``diffs``: the last chunk's ``w - v`` the norm was
-    summed from (:func:`squared_distance_and_diffs`), reused in the ``NEUMANN`` phase.
-    (:func:`neumann` is the entry that picks the body and computes ``coef``.)
+    summed from (:func:`squared_distance_and_diffs`), reused in the ``NEUMANN`` phase; ``spans``: the
+    chunks it was summed over (``_chunks(params)``). (:func:`neumann` is the entry that picks the
+    body and computes ``coef``.)
     """
     kw: dict[str, Any] = dict(phase=phase, lr=lr, momentum=momentum, coef=coef, ema_decay=ema_decay)
     if not foreach and not low_precision(params):  # the for-loop: temporaries of one tensor
         _single_tensor_neumann(params, grads, ms, vs, weight_decay=weight_decay, **kw)
         return
-    for a, b in _chunks(params):
+    for a, b in _chunks(params) if spans is None else spans:
         v = vs[a:b] if vs is not None else None
         if not low_precision(params[a:b]):
             chunk_diffs = diffs[1] if diffs is not None and diffs[0] == a else None
@@ -313,8 +318,9 @@ def neumann(
         carry.clear()  # a step on another body: its norm was not summed
     foreach = True if foreach is None else foreach
     coef = diffs = sq = None
+    spans = _chunks(params)  # one chunking for the norm and the update: the kept w - v matches its chunk
     if phase is Phase.NEUMANN and vs is not None:
-        sq, diffs = squared_distance_and_diffs(params, vs_, foreach)  # (the last chunk's w - v feeds the update)
+        sq, diffs = squared_distance_and_diffs(params, vs_, foreach, spans)  # (the last chunk's w - v feeds the update)
         sq = reduce(sq) if reduce is not None else sq
         coef = regularizer_coefficient(sq.sqrt(), cubic_weight, repulsive_weight_total)
     neumann_update(
@@ -330,6 +336,7 @@ def neumann(
         weight_decay=weight_decay,
         foreach=foreach,
         diffs=diffs,
+        spans=spans,
     )
     return sq
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from ..plotting import pyplot, save_figure
 from ..runner import Runner
-from ..runs import mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, plural
 from ..tuning import FULL_PROTOCOL, Protocol, choose, lr_at, lr_index, summarize, tune
@@ -78,7 +77,7 @@ def cubic_weight(runner: Runner, s: Settings) -> str:
         meta=dict(
             alphas=list(st["alphas"]),
             batches=list(st["batches"]),
-            base={k: v for k, v in st["base"].items()},
+            base=dict(st["base"]),
             protocol=protocol.as_dict(),
             targets=list(TARGETS if not s.quick else (60.0, 50.0)),
             rule=RULE,
@@ -169,7 +168,6 @@ def cell_row(runs: list[dict[str, Any]], protocol: Protocol, targets: list[float
         },
         largest_stable=stable,
         stable_bracketed=closed,
-        curve=mean_curve(at, "val_error") if at else [],
     )
     return row
 

@@ -18,7 +18,7 @@ from ..ladder import CellResult, cell_result, run_searches
 from ..optimizers import LABELS
 from ..plotting import pyplot, save_figure, steps_axes, style
 from ..runner import Runner, config_key
-from ..study import Payload, Rendered, Settings, Study
+from ..study import Payload, Rendered, Settings, Study, finish
 from .batch_scaling import BATCH_VARIANTS
 from .critical_batch import (
     FULL,
@@ -65,8 +65,6 @@ def settings(s: Settings) -> dict[str, Any]:
 
 
 def tight_targets(runner: Runner, s: Settings) -> str:
-    from ..study import finish
-
     st = settings(s)
     train_size = len(runner.data(st["task"]).x_train)
     names = [n for n in VARIANTS if n in QUICK_VARIANTS] if s.quick else list(VARIANTS)
@@ -89,7 +87,7 @@ def tight_targets(runner: Runner, s: Settings) -> str:
     payload = dict(
         study="tight-targets",
         meta=ladder_meta(st, names, s.quick),
-        runs=[{**{k: v for k, v in r.items() if k != "cell"}, "cell": r["cells"][0]} for r in unique.values()],
+        runs=list(unique.values()),  # (each tagged "cell" with the first of its "cells")
     )
     return finish(runner, s, payload, render_tight_targets)
 
