@@ -65,3 +65,12 @@ def test_the_matched_warm_up_follows_a_shorter_burn_in_too():
     assert neumann_matched_factor(spe - 1, spe, burn_in_epochs=1) == pytest.approx(0.1)
     assert neumann_matched_factor(spe, spe, burn_in_epochs=1) == pytest.approx(0.1 * (1 + 1 / spe))
     assert neumann_matched_factor(10 * spe - 1, spe, burn_in_epochs=1) == pytest.approx(1.0)
+
+
+def test_no_budget_is_longer_than_64_epochs_and_the_top_rung_is_near_it():
+    from neumann_repro.ladder import max_budget
+
+    st = tt.settings(Settings(quick=False))
+    for b in tt.BATCHES:
+        epochs = max_budget(st, b, 36_000) * b / 36_000
+        assert tt.MAX_EPOCHS / 2 < epochs <= tt.MAX_EPOCHS
