@@ -69,9 +69,15 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--data-dir is only read with --task cifar10")
 
 
+def _all_hours() -> float:
+    """Every study's full cost from scratch, in hours of wall time with two cores."""
+    return sum(s.full_cost_core_minutes or 0 for s in registered_studies().values()) / 2 / 60
+
+
 # the two subcommands that are not studies (each study's help is in its entry)
 COMMAND_HELP = {
-    "all": "Every study in turn, then the report (about 7.5 hours with two cores; resumable).",
+    "all": f"Every study in turn, then the report (about {_all_hours():.0f} hours with two cores from scratch; "
+    "resumable).",
     "report": "Re-render docs/REPRODUCTION.md and its plots from the committed results, without training.",
 }
 

@@ -17,11 +17,13 @@ def _is_default_mlp(cfg: dict[str, Any]) -> bool:
     return (
         cfg.get("optimizer") == "neumann"
         and cfg.get("model") == "mlp"
-        and cfg.get("repulsive_weight", 0.0) == 0.0
+        # a config without repulsive_weight is the paper's Table 1, 1e-5 (train.PAPER_REPULSIVE_WEIGHT)
+        and cfg.get("repulsive_weight") == 0.0
+        and cfg.get("regularizer_schedule", "constant") == "constant"
         and cfg.get("cubic_weight", 1e-7) == 1e-7
         and cfg.get("burn_in_epochs", 5) == 5
-        and not cfg.get("constant_momentum")
-        and not cfg.get("no_resets")
+        and cfg.get("momentum") is None  # a constant mu instead of the ramp (ingredients)
+        and cfg.get("resets", True)
     )
 
 
@@ -38,7 +40,9 @@ def tally(payloads: list[dict[str, Any]]) -> dict[int, dict[float, tuple[int, in
         for run in payload.get("runs", []):
             cfg = run.get("config", {})
             per_epoch = run.get("steps_per_epoch") or 0
-            if not _is_default_mlp(cfg) or not per_epoch or run["steps"] / per_epoch < MIN_EPOCHS:
+            # the run's planned length (a diverged run stops early and still counts)
+            planned = cfg.get("epochs") or (cfg.get("steps") or run["steps"]) / max(per_epoch, 1)
+            if not _is_default_mlp(cfg) or not per_epoch or planned < MIN_EPOCHS:
                 continue
             cell = counts[cfg["batch"]][cfg["lr"]]
             cell[0] += 1
