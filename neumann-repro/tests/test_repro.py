@@ -328,3 +328,23 @@ def test_batchnorm_evaluation_variants_are_recorded_for_neumann():
     assert all(0 <= e["test_error_at_w"] <= 100 for e in h)
     plain = run({**cfg, "bn_variants": False}, d, torch.device("cpu"))["history"]
     assert [e["test_error"] for e in plain] == [e["test_error"] for e in h]  # recording them changes nothing
+
+
+def test_tables_report_the_reporting_seeds_only_and_say_so():
+    """A tuning seed that diverged at the chosen rate, or ended far better, moves neither the mean, the
+    divergence count nor the runs a curve is drawn from; a quick run without reporting seeds falls back to
+    the tuning seeds, and the header's words follow."""
+    from neumann_repro.tuning import reported
+
+    def run(lr: float, seed: int, err: float, diverged: bool = False) -> dict:
+        hist = [] if diverged else [{"epoch": 1, "val_error": err, "test_error": err}]
+        return {"config": {"lr": lr, "seed": seed, "epochs": 1}, "history": hist, "diverged": diverged, "steps": 1}
+
+    runs = [run(0.1, s, 30.0) for s in (0, 1)] + [run(1.0, s, 40.0) for s in (0, 1)]
+    runs += [run(0.3, 0, 1.0), run(0.3, 1, 2.0)] + [run(0.3, s, 10.0 + s) for s in (2, 3, 4, 5)]
+    row = summarize(runs, 2, 6, "worse")
+    assert row["lr"] == 0.3 and row["report"] == [12.0, 13.0, 14.0, 15.0] and row["test_mean"] == 13.5
+    assert [r["config"]["seed"] for r in reported(runs, 2, 6, 0.3)] == [2, 3, 4, 5] and row["diverged"] == 0
+    assert [r["config"]["seed"] for r in reported(runs, 2, 2, 0.3)] == [0, 1]
+    assert Protocol(**FULL_PROTOCOL, final_seeds=6).seeds_text().startswith("4 reporting seeds (2-5) at the chosen")
+    assert "no reporting seeds" in Protocol(points=3, tune_seeds=1, final_seeds=1).seeds_text()

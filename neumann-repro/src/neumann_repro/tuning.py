@@ -23,6 +23,7 @@ from . import ladder
 from .rates import failed
 from .runner import Runner
 from .runs import final, mean_std
+from .tables import plural, spread
 
 
 def lr_at(i: int, grid: str = "coarse") -> float:
@@ -50,6 +51,16 @@ class Protocol:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def seeds_text(self) -> str:
+        """The seeds a table reports, in words: "4 reporting seeds (2-5) at the chosen rate; test error (%)
+        of those seeds, mean ± std" (a quick run without reporting seeds: the tuning seeds)."""
+        n = self.final_seeds - self.tune_seeds
+        if n < 1:
+            n = min(self.final_seeds, self.tune_seeds)
+            return f"the tuning seeds at the chosen rate (no reporting seeds); test error (%) of those, {spread(n)}"
+        seeds = f"{self.tune_seeds}" if n == 1 else f"{self.tune_seeds}-{self.final_seeds - 1}"
+        return f"{plural(n, 'reporting seed')} ({seeds}) at the chosen rate; test error (%) of those seeds, {spread(n)}"
 
 
 # every tuned study's full protocol: the fine grid from a 3-point start, 2 tuning seeds scored by the
@@ -175,16 +186,23 @@ def next_up(runs: Sequence[dict[str, Any]], tune_seeds: int, lr: float) -> str:
     return f"{above[0]:g}: {max(final(r, 'val_error') for r in at):.2f}% validation error (worse tuning seed)"
 
 
+def reported(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int, lr: float) -> list[dict[str, Any]]:
+    """The runs at ``lr`` of the reporting seeds (``tune_seeds`` to ``final_seeds - 1``), by seed: what a
+    table's means, curves and verdicts use; where there are none (a quick run), the tuning seeds'."""
+    at = sorted(
+        (r for r in runs if r["config"]["lr"] == lr and r["config"]["seed"] < final_seeds),
+        key=lambda r: r["config"]["seed"],
+    )
+    return [r for r in at if r["config"]["seed"] >= tune_seeds] or at
+
+
 def summarize(runs: Sequence[dict[str, Any]], tune_seeds: int, final_seeds: int, score: str = "mean") -> dict[str, Any]:
     """A cell's choice and its test errors at the chosen rate over its reporting seeds (the final
     seeds that did not tune it: ``report``; where there are none, a quick run, over the tuning seeds)."""
     choice = choose(runs, tune_seeds, score)
-    at = sorted(
-        (r for r in runs if r["config"]["lr"] == choice.lr and r["config"]["seed"] < final_seeds),
-        key=lambda r: r["config"]["seed"],
-    )
+    at = reported(runs, tune_seeds, final_seeds, choice.lr)
     report = [final(r, "test_error") for r in at if r["config"]["seed"] >= tune_seeds]
-    test = report or [final(r, "test_error") for r in at]
+    test = [final(r, "test_error") for r in at]
     m, s = mean_std(test)
     return dict(
         lr=choice.lr,

@@ -34,9 +34,9 @@ from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
-from ..tables import fmt, lr_range, plural, spread
+from ..tables import fmt, lr_range, plural
 from ..tasks import make_model
-from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, reported, summarize, tune
 from ..verdicts import ALPHA, ERROR_MARGIN, contrast_p, error_contrast, holm, said_error, said_p, settle
 from .batch_scaling import render_batch_scaling
 from .batch_scaling import verdict as batch_scaling_verdict
@@ -227,8 +227,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
         f"compare's tuning protocol per model family ({protocol.points}-point start, "
         f"{plural(protocol.tune_seeds, 'tuning seed')} per rate, grid extended (at most "
         f"{plural(protocol.max_extensions, 'time')}) until the chosen rate is inside it, "
-        f"then {plural(protocol.final_seeds, 'seed')} at the chosen rate); test error (%) of those seeds, "
-        f"{spread(protocol.final_seeds)}. Cosine decay to 0; the baselines warm up linearly over "
+        f"then {protocol.seeds_text()}. Cosine decay to 0; the baselines warm up linearly over "
         f"{plural(meta['family_warmup_epochs'], 'epoch')}; Neumann's burn-in is "
         f"{plural(meta['burn_in_epochs'], 'epoch')} "
         "(its share of the run is given beside each verdict). 'epochs to target': first epoch whose mean test error "
@@ -246,7 +245,7 @@ def render_architectures(payload: Payload, out_dir: Path) -> Rendered:
             if not runs:
                 continue
             r = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
-            at = [x for x in runs if x["config"]["lr"] == r["lr"] and x["config"]["seed"] < protocol.final_seeds]
+            at = reported(runs, protocol.tune_seeds, protocol.final_seeds, r["lr"])
             r["curve"] = mean_curve(at)
             r["at"] = at
             rows[row] = r
@@ -323,7 +322,7 @@ def _bn_table(cells: dict[str, list[dict[str, Any]]], protocol: Protocol, summar
     names = [c for c in cells if c.startswith("cnn/neumann") or c.startswith("scaling/neumann")]
     for name in names:
         r = summarize(cells[name], protocol.tune_seeds, protocol.final_seeds, protocol.score)
-        at = [x for x in cells[name] if x["config"]["lr"] == r["lr"] and x["config"]["seed"] < protocol.final_seeds]
+        at = reported(cells[name], protocol.tune_seeds, protocol.final_seeds, r["lr"])
         if not at or any("test_error_at_w" not in x["history"][-1] for x in at):
             continue
         epochs = min(len(x["history"]) for x in at)

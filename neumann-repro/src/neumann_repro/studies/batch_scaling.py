@@ -10,7 +10,7 @@ from ..optimizers import BASELINES, LABELS
 from ..plotting import batch_axis, pyplot, save_figure, style
 from ..runner import Runner
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
-from ..tables import fmt, lr_range, plural, spread
+from ..tables import fmt, lr_range, plural
 from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
 from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
@@ -93,9 +93,7 @@ def render_batch_scaling(payload: Payload, out_dir: Path) -> Rendered:
         + f" Every cell tuned "
         f"by the same protocol: {protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, "
         f"grid extended (at most {plural(protocol.max_extensions, 'time')}) until the chosen rate is inside it, "
-        f"then {plural(protocol.final_seeds, 'seed')} at the chosen "
-        "rate. "
-        f"Test error (%) of those seeds, {spread(protocol.final_seeds)} (tuned lr).\n",
+        f"then {protocol.seeds_text()} (tuned lr).\n",
         "| optimizer | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
     ]

@@ -11,8 +11,8 @@ from ..plotting import COLORS, epoch_axis, pyplot, save_figure
 from ..runner import Runner
 from ..runs import epochs_to_reach, mean_curve
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
-from ..tables import fmt, lr_range, plural, spread
-from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
+from ..tables import fmt, lr_range, plural
+from ..tuning import FULL_PROTOCOL, Protocol, reported, summarize, tune
 from ..verdicts import ERROR_MARGIN, ERROR_RULE, error_contrast, said_error, settle
 
 # ---------------------------------------------------------------- compare (Table 2)
@@ -75,8 +75,7 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
         "Learning rate tuned per optimizer by the tuning protocol (a "
         f"{protocol.points}-point start, {plural(protocol.tune_seeds, 'tuning seed')} per rate, extended (at most "
         f"{plural(protocol.max_extensions, 'time')}) until the chosen rate is inside the rates tried), then "
-        f"{plural(protocol.final_seeds, 'seed')} at the chosen rate; test "
-        f"error (%) of those seeds, {spread(protocol.final_seeds)}. Cosine decay to 0; "
+        f"{protocol.seeds_text()}. Cosine decay to 0; "
         + (
             f"every baseline warms up linearly over {plural(meta['warmup_epochs'], 'epoch')}, Neumann has its burn-in "
             "and momentum ramp. "
@@ -98,8 +97,7 @@ def render_compare(payload: Payload, out_dir: Path) -> Rendered:
             if not runs:
                 continue
             row = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
-            at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
-            row["curve"] = mean_curve(at)
+            row["curve"] = mean_curve(reported(runs, protocol.tune_seeds, protocol.final_seeds, row["lr"]))
             rows[opt] = row
         base = [rows[o]["test_mean"] for o in rows if o in BASELINES]
         target = min(base) if base else math.nan

@@ -19,7 +19,7 @@ from ..plotting import pyplot, save_figure
 from ..runner import Runner
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, plural
-from ..tuning import FULL_PROTOCOL, Protocol, choose, lr_at, lr_index, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, choose, lr_at, lr_index, reported, summarize, tune
 from ..verdicts import ERROR_MARGIN, ERROR_RULE, error_contrast, said_error, settle
 
 ALPHAS = (0.0, 1e-7, 1e-5, 1e-3, 1e-2, 1e-1, 1.0)
@@ -147,11 +147,7 @@ def cell_row(runs: list[dict[str, Any]], protocol: Protocol, targets: list[float
     included), the reporting seeds' test errors, divergences, cubic share, epochs to each target, and
     the largest stable rate."""
     row = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
-    at = [
-        r
-        for r in runs
-        if r["config"]["lr"] == row["lr"] and protocol.tune_seeds <= r["config"]["seed"] < protocol.final_seeds
-    ]
+    at = reported(runs, protocol.tune_seeds, protocol.final_seeds, row["lr"])
     shares = [r["cubic_share_median"] for r in at if r.get("cubic_share_median") is not None]
     hits = {t: [epochs_to(r, t) for r in at] for t in targets}
     stable, closed = largest_stable(runs, protocol.tune_seeds)

@@ -21,7 +21,7 @@ from ..runner import Runner
 from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
 from ..tables import fmt, spread
-from ..tuning import FULL_PROTOCOL, Protocol, summarize, tune
+from ..tuning import FULL_PROTOCOL, Protocol, reported, summarize, tune
 from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
 # name -> (label, the Neumann arguments that differ from the paper's Table 1)
@@ -107,9 +107,7 @@ def cell_summary(runs: list[dict[str, Any]], protocol: Protocol) -> dict[str, An
     every reporting seed; the curve, the best and the late loss those that did not fail (a seed that
     diverged or collapsed to chance early is not a late loss: ``failed`` counts them)."""
     row = summarize(runs, protocol.tune_seeds, protocol.final_seeds, protocol.score)
-    at = [r for r in runs if r["config"]["lr"] == row["lr"] and r["config"]["seed"] < protocol.final_seeds]
-    reporting = [r for r in at if r["config"]["seed"] >= protocol.tune_seeds]
-    at = reporting or at  # the seeds the table and the verdicts test (a quick run: the tuning seeds)
+    at = reported(runs, protocol.tune_seeds, protocol.final_seeds, row["lr"])
     held = [r for r in at if not failed(r)] or at
     curve = mean_curve(held)
     best = min(curve)
