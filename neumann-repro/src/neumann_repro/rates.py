@@ -40,9 +40,10 @@ def tally(payloads: list[dict[str, Any]]) -> dict[int, dict[float, tuple[int, in
         for run in payload.get("runs", []):
             cfg = run.get("config", {})
             per_epoch = run.get("steps_per_epoch") or 0
+            if not _is_default_mlp(cfg) or not per_epoch:
+                continue
             # the run's planned length (a diverged run stops early and still counts)
-            planned = cfg.get("epochs") or (cfg.get("steps") or run["steps"]) / max(per_epoch, 1)
-            if not _is_default_mlp(cfg) or not per_epoch or planned < MIN_EPOCHS:
+            if (cfg.get("epochs") or (cfg.get("steps") or run["steps"]) / per_epoch) < MIN_EPOCHS:
                 continue
             cell = counts[cfg["batch"]][cfg["lr"]]
             cell[0] += 1

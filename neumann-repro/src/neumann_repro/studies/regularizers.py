@@ -20,7 +20,7 @@ from ..rates import failed
 from ..runner import Runner
 from ..runs import final, mean_curve, mean_std
 from ..study import Payload, Rendered, Settings, Study, base_cfg, cells_of, finish
-from ..tables import fmt, spread
+from ..tables import fmt
 from ..tuning import FULL_PROTOCOL, Protocol, reported, summarize, tune
 from ..verdicts import ERROR_MARGIN, error_contrast, said_error, settle
 
@@ -153,10 +153,8 @@ def render_regularizers(payload: Payload, out_dir: Path) -> Rendered:
         "# regularizers: does Neumann keep its best quality to the end of the run?\n",
         "Every cell tuned by the tuning protocol (`neumann_repro.tuning`: 4 rates per decade, extended until the "
         f"choice is strictly inside the rates tried, {protocol.tune_seeds} tuning seeds scored by the worse), then "
-        f"{protocol.final_seeds - protocol.tune_seeds} reporting seeds at the chosen rate; every number below is "
-        "theirs. 'final': test error (%) at the last epoch, "
-        f"{spread(protocol.final_seeds - protocol.tune_seeds)} over "
-        "those seeds; 'best (epoch)': the lowest mean test error along the run of the seeds that did not fail "
+        f"{protocol.seeds_text()}; every number below is theirs. 'final': at the last epoch; 'best (epoch)': "
+        "the lowest mean test error along the run of the seeds that did not fail "
         "(diverge, or collapse to chance: a failed seed counts in 'final' and is named in 'late loss'); 'late loss': "
         "their final - best (what the end of training gave back); 'repulsive > |g|': fraction of regularized "
         "steps whose repulsive force beta/r^2 exceeded the mini-batch gradient norm, whole run / last 10% of "
