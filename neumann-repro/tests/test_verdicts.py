@@ -12,6 +12,7 @@ from neumann_repro.studies.calibration import verdict as calibration_verdict
 from neumann_repro.verdicts import (
     ERROR_MARGIN,
     STEPS_MARGIN,
+    contrast_interval,
     contrast_p,
     decide,
     error_contrast,
@@ -219,3 +220,21 @@ def test_ablation_verdict_tests_both_halves_of_the_pattern_with_holm():
     assert text.endswith("(Holm over 2 tests)")
     summ["mlp/no regularizers"] = row(30.05)
     assert "(no drop shown)" in ablation_verdict(summ)
+
+
+def test_contrast_interval_is_welchs_for_two_samples_and_inverts_the_contrast_test():
+    """Weights 1, -1: scipy's Welch interval; any weights: moving the estimate to an end of the 95% interval makes
+    the generalised test's p exactly 0.05 (the interval is the set of contrasts the test does not reject)."""
+    a, b = [4.1, 4.6, 3.9, 4.4], [5.0, 4.2, 5.9, 5.1, 4.8]
+    est, lo, hi = contrast_interval([a, b], [1.0, -1.0])
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (est, lo, hi) == pytest.approx((sum(a) / 4 - sum(b) / 5, ci.low, ci.high))
+    groups = [[2.9, 3.4, 3.1, 2.7], [6.0, 4.1, 9.3, 5.2], [3.0, 2.8, 3.3, 3.1], [5.5, 6.3, 4.9, 6.0]]
+    w = [1.0, -1.0, -1.0, 1.0]
+    est, lo, hi = contrast_interval(groups, w)
+    assert lo < est < hi
+    for end in (lo, hi):
+        shifted = [[x - end for x in groups[0]], *groups[1:]]  # the contrast's estimate becomes est - end
+        assert contrast_p(shifted, w) == pytest.approx(0.05)
+    assert contrast_interval([[1.0], [2.0, 3.0]], [1.0, -1.0]) is None
+    assert contrast_interval([[1.0, 1.0], [2.0, 2.0]], [1.0, -1.0]) == (-1.0, -1.0, -1.0)

@@ -34,23 +34,35 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     return contrast_p([a, b], [1.0, -1.0])
 
 
-def contrast_p(samples: Sequence[Sequence[float]], weights: Sequence[float]) -> float | None:
-    """Two-sided p-value that ``sum(w_i mean_i) = 0`` for independent samples of unequal variances
-    (Welch's test generalised by the Welch-Satterthwaite degrees of freedom; with weights 1, -1 it
-    is Welch's t-test). ``None`` where a sample with a weight has fewer than two values. Samples
-    without spread leave the statistic undefined: equal estimates give 1, two samples the exact rank
-    test's p (:func:`rank_p`: 2/70 for 4 distinct constants a side, never 0), more give ``None``."""
+def _contrast(
+    samples: Sequence[Sequence[float]], weights: Sequence[float]
+) -> tuple[float, float, float, list[list[float]]] | None:
+    """``sum(w_i mean_i)``, its variance, Welch-Satterthwaite degrees of freedom (``nan`` without spread) and the
+    weighted samples; ``None`` where a sample with a weight has fewer than two values."""
     used = [(list(x), w) for x, w in zip(samples, weights, strict=True) if w != 0]
     if any(len(x) < 2 for x, _ in used):
         return None
     est = sum(w * statistics.fmean(x) for x, w in used)
     parts = [w * w * statistics.variance(x) / len(x) for x, w in used]
     var = sum(parts)
+    df = var**2 / sum(v * v / (len(x) - 1) for v, (x, _) in zip(parts, used, strict=True)) if var > 0 else math.nan
+    return est, var, df, [x for x, _ in used]
+
+
+def contrast_p(samples: Sequence[Sequence[float]], weights: Sequence[float]) -> float | None:
+    """Two-sided p-value that ``sum(w_i mean_i) = 0`` for independent samples of unequal variances
+    (Welch's test generalised by the Welch-Satterthwaite degrees of freedom; with weights 1, -1 it
+    is Welch's t-test). ``None`` where a sample with a weight has fewer than two values. Samples
+    without spread leave the statistic undefined: equal estimates give 1, two samples the exact rank
+    test's p (:func:`rank_p`: 2/70 for 4 distinct constants a side, never 0), more give ``None``."""
+    c = _contrast(samples, weights)
+    if c is None:
+        return None
+    est, var, df, used = c
     if var == 0:
         if est == 0:
             return 1.0
-        return rank_p(used[0][0], used[1][0]) if len(used) == 2 else None
-    df = var**2 / sum(v * v / (len(x) - 1) for v, (x, _) in zip(parts, used, strict=True))
+        return rank_p(used[0], used[1]) if len(used) == 2 else None
     return _student_two_sided(abs(est) / math.sqrt(var), df)
 
 
@@ -154,17 +166,25 @@ def shift_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
     """mean(a) - mean(b) and its Welch interval; ``None`` with fewer than two values a side. Two
     samples without spread have a zero-width interval at their difference."""
+    return contrast_interval([a, b], [1.0, -1.0], level)
+
+
+def contrast_interval(
+    samples: Sequence[Sequence[float]], weights: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float] | None:
+    """``sum(w_i mean_i)`` of independent samples and its interval, Welch-Satterthwaite degrees of freedom (the
+    interval :func:`contrast_p` tests); ``None`` where a sample with a weight has fewer than two values. Samples
+    without spread give a zero-width interval at the estimate."""
     from scipy.stats import t as student
 
-    if len(a) < 2 or len(b) < 2:
+    c = _contrast(samples, weights)
+    if c is None:
         return None
-    d = statistics.fmean(a) - statistics.fmean(b)
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return d, d, d
-    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
-    h = float(student.ppf(0.5 + level / 2, df)) * math.sqrt(va + vb)
-    return d, d - h, d + h
+    est, var, df, _ = c
+    if var == 0:
+        return est, est, est
+    h = float(student.ppf(0.5 + level / 2, df)) * math.sqrt(var)
+    return est, est - h, est + h
 
 
 def holm(ps: Sequence[float | None]) -> list[float | None]:
