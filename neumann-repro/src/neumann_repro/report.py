@@ -34,8 +34,8 @@ as hard as the method):
 - **Seeds**: the chosen rate is then trained with 4 more seeds (2-5), the *reporting* seeds: the
   tables' means ± standard deviations and every verdict use them alone. The ladder studies
   (critical-batch, ingredients) choose their budget and rate on the tuning seeds and report 8 seeds
-  (`neumann_repro.ladder`). architectures still renders runs of the earlier protocol (1-3-10 grid
-  with two midpoints, one tuning seed, 2 reporting seeds) until its rerun lands.
+  (`neumann_repro.ladder`). Where the response to the rate has more than one minimum (the GRU's), the
+  search can stop at a local one; the architectures discussion says where its start was moved for that.
 - **Warmup**: a fixed, documented fraction rather than a tuned one: the baselines warm up linearly
   over the first 5 epochs (Goyal et al.'s recipe), in compare too, then every optimizer follows
   cosine decay to 0. Neumann has no added warmup: its 5 epochs of burn-in (plain SGD) and its

@@ -483,7 +483,7 @@ STUDY = Study(
         "convnet, batch 128 to 1,024 on MNIST-1D 36k with LARS and LAMB (quick: 3-epoch runs with a 1-epoch burn-in, "
         "fewer rows)."
     ),
-    full_cost_core_minutes=206,
+    full_cost_core_minutes=323,
     claim=(
         "Tables 2-4, Section 4.4",
         "The gains hold on BatchNorm convnets (Inception, ResNets; Table 3's batch scaling included); on a "
