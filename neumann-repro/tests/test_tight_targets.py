@@ -74,3 +74,27 @@ def test_no_budget_is_longer_than_64_epochs_and_the_top_rung_is_near_it():
     for b in tt.BATCHES:
         epochs = max_budget(st, b, 36_000) * b / 36_000
         assert tt.MAX_EPOCHS / 2 < epochs <= tt.MAX_EPOCHS
+
+
+def test_the_matched_warm_up_recipe_in_when_to_use_is_the_studys():
+    """docs/WHEN_TO_USE.md's two lines for SGD+Nesterov with Neumann's warm-up give, step by step, the rate the
+    study's "sgd-matched" runs use: the matched factor times the cosine decay (no other warm-up)."""
+    from pathlib import Path
+
+    import torch
+    from neumann_repro.train import lr_factor
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "WHEN_TO_USE.md").read_text()
+    block = doc.split("To give SGD+Nesterov Neumann's warm-up", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    lr = 0.5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr, momentum=0.9, nesterov=True)
+    ns = dict(math=math, LambdaLR=torch.optim.lr_scheduler.LambdaLR, opt=opt, steps_per_epoch=2, total=400)
+    exec(compile("\n".join(x.strip() for x in block.splitlines()), "WHEN_TO_USE.md", "exec"), ns)
+    rates = []
+    for _ in range(ns["total"]):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ns["sched"].step()
+    want = [lr * neumann_matched_factor(k, 2) * lr_factor(k, 400, 0) for k in range(400)]
+    assert rates == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert rates[0] == pytest.approx(0.1 * lr) and max(rates) > 0.9 * lr  # a tenth in the burn-in, then SGD's own
