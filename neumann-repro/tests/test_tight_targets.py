@@ -98,3 +98,29 @@ def test_the_matched_warm_up_recipe_in_when_to_use_is_the_studys():
     want = [lr * neumann_matched_factor(k, 2) * lr_factor(k, 400, 0) for k in range(400)]
     assert rates == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert rates[0] == pytest.approx(0.1 * lr) and max(rates) > 0.9 * lr  # a tenth in the burn-in, then SGD's own
+
+
+def _c(ratio: float, decision: str) -> dict:
+    return dict(ratio=ratio, lo=ratio * 0.9, hi=ratio * 1.1, p=0.01, p_holm=0.02, decision=decision)
+
+
+@pytest.mark.parametrize(
+    ("sgd", "matched", "said"),
+    [
+        (_c(0.6, "differs"), _c(0.95, "equivalent"), "the edge over SGD+Nesterov is the schedule"),
+        (_c(0.6, "differs"), _c(0.9, "inconclusive"), "the edge over SGD+Nesterov is the schedule"),
+        (_c(0.6, "differs"), _c(0.7, "differs"), "the edge is more than the schedule"),
+        (_c(1.0, "equivalent"), _c(1.3, "differs"), None),  # no edge over SGD+Nesterov to explain
+    ],
+)
+def test_verdict_says_whether_the_edge_is_the_schedule(sgd, matched, said):
+    summ = {
+        "5": {
+            "fewest": {"1024": "neumann-default"},
+            "contrasts": {"sgd": {"1024": sgd}, "sgd-matched": {"1024": matched}},
+        }
+    }
+    text = tt.verdict(summ)
+    assert text.startswith("5% at batch 1024: fewest Neumann") and f"x{matched['ratio']:.2f}" in text
+    for claim in ("the edge over SGD+Nesterov is the schedule", "the edge is more than the schedule"):
+        assert (claim in text) == (claim == said), (claim, text)

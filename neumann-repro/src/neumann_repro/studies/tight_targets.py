@@ -180,9 +180,25 @@ def render_tight_targets(payload: Payload, out_dir: Path) -> Rendered:
     return "\n".join(lines) + "\n", summary
 
 
+def _schedule(vs: dict[str, dict[str, Any] | None]) -> str:
+    """Whether an edge over SGD+Nesterov is the warm-up: what SGD+Nesterov with the matched warm-up does."""
+    m = vs.get("sgd-matched")
+    if not m:
+        return ""
+    beats = {n: bool(c and c["decision"] == "differs" and c["ratio"] < 1) for n, c in vs.items()}
+    said = f"x{m['ratio']:.2f} (95%: {m['lo']:.2f}-{m['hi']:.2f}, {m['decision']}, Holm p = {m['p_holm']:.2g})"
+    if beats["sgd-matched"]:
+        return f"; against SGD+Nesterov with the matched warm-up {said}: the edge is more than the schedule"
+    if beats.get("sgd"):
+        return f"; against SGD+Nesterov with the matched warm-up {said}: the edge over SGD+Nesterov is the schedule"
+    return f"; against SGD+Nesterov with the matched warm-up {said}"
+
+
 def verdict(summ: dict[str, Any]) -> str:
     """Per target: who needs the fewest steps at the largest batch any optimizer reached, and whether Neumann
-    (default) needs fewer steps than every baseline there beyond the Holm-adjusted rank test."""
+    (default) needs fewer steps than every baseline there beyond the Holm-adjusted rank test; then whether an edge
+    over SGD+Nesterov is the schedule (SGD+Nesterov with the warm-up matched to Neumann's is not beaten beyond the
+    rule) or more than it (it is)."""
     parts = []
     for t, s in summ.items():
         reached = [b for b, f in s["fewest"].items() if f]
@@ -201,7 +217,7 @@ def verdict(summ: dict[str, Any]) -> str:
                 f"{', '.join(NAMES[n] for n in loses) or 'none'}"
             )
         )
-        parts.append(f"{t}% at batch {b}: fewest {NAMES[s['fewest'][b]]}; {edge}")
+        parts.append(f"{t}% at batch {b}: fewest {NAMES[s['fewest'][b]]}; {edge}{_schedule(vs)}")
     return "; ".join(parts) if parts else "no results"
 
 
