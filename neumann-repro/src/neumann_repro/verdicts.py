@@ -227,6 +227,11 @@ def settle(family: Sequence[dict[str, Any] | None], margin: float) -> None:
             c["p_holm"], c["decision"] = q, decide(q, c["ci90"], margin)
 
 
+def steps_number(x: float) -> str:
+    """A ratio of steps or an end of its interval: 0 or infinite where misses, tied last, decide the shift."""
+    return "0" if x == 0 else "∞" if math.isinf(x) else f"{x:.2f}"
+
+
 def said_steps(c: dict[str, Any] | None, reached: str, family: int) -> str:
     """A steps verdict in words: "x0.82 (95%: 0.71-0.95), fewer steps (Holm p = 0.01 of 5 tests; 8 of
     8 vs 8 of 8 seeds reached)"."""
@@ -239,10 +244,7 @@ def said_steps(c: dict[str, Any] | None, reached: str, family: int) -> str:
         "no test": "no test",
     }[c["decision"]]
 
-    def num(x: float) -> str:  # (0 or infinite where misses, tied last, decide the shift)
-        return "0" if x == 0 else "∞" if math.isinf(x) else f"{x:.2f}"
-
-    ratio, lo, hi = num(c["ratio"]), num(c["lo"]), num(c["hi"])
+    ratio, lo, hi = steps_number(c["ratio"]), steps_number(c["lo"]), steps_number(c["hi"])
     why = ", the misses decide it" if ratio in ("0", "∞") else ""
     return f"x{ratio} (95%: {lo}-{hi}{why}), {word} (Holm p = {c['p_holm']:.2g} in {family} tests; {reached})"
 

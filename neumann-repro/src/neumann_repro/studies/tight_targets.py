@@ -19,6 +19,7 @@ from ..optimizers import LABELS
 from ..plotting import pyplot, save_figure, steps_axes, style
 from ..runner import Runner, config_key
 from ..study import Payload, Rendered, Settings, Study, finish
+from ..verdicts import steps_number
 from .batch_scaling import BATCH_VARIANTS
 from .critical_batch import (
     FULL,
@@ -186,7 +187,8 @@ def _schedule(vs: dict[str, dict[str, Any] | None]) -> str:
     if not m:
         return ""
     beats = {n: bool(c and c["decision"] == "differs" and c["ratio"] < 1) for n, c in vs.items()}
-    said = f"x{m['ratio']:.2f} (95%: {m['lo']:.2f}-{m['hi']:.2f}, {m['decision']}, Holm p = {m['p_holm']:.2g})"
+    ratio, lo, hi = (steps_number(m[k]) for k in ("ratio", "lo", "hi"))
+    said = f"x{ratio} (95%: {lo}-{hi}, {m['decision']}, Holm p = {m['p_holm']:.2g})"
     if beats["sgd-matched"]:
         return f"; against SGD+Nesterov with the matched warm-up {said}: the edge is more than the schedule"
     if beats.get("sgd"):
